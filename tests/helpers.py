@@ -1,0 +1,53 @@
+"""Shared test helpers: dtype tolerances, a comparison that reports the worst
+difference, output poisoning, and the CUDA skip mark."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (rtol, atol) per dtype of the tensors under test.
+TOL = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+POISON = float("nan")
+
+
+def tol(dtype: torch.dtype) -> tuple[float, float]:
+    return TOL[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 rtol: float | None = None, atol: float | None = None, name: str = "tensor") -> None:
+    """allclose that fails with the worst absolute/relative difference and its index.
+
+    NaN anywhere in ``actual`` fails (that is how a poisoned, unwritten element shows)."""
+    dtype = dtype or expected.dtype
+    r, a = TOL.get(dtype, TOL[torch.float32])
+    rtol = r if rtol is None else rtol
+    atol = a if atol is None else atol
+    actual = actual.detach().float().cpu()
+    expected = expected.detach().float().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad_nan = torch.isnan(actual) & ~torch.isnan(expected)
+    assert not bad_nan.any(), f"{name}: {int(bad_nan.sum())} NaN (unwritten/poisoned?) elements, first at {bad_nan.nonzero()[0].tolist()}"
+    diff = (actual - expected).abs()
+    limit = atol + rtol * expected.abs()
+    if not bool((diff <= limit).all()):
+        excess = diff - limit
+        idx = int(excess.argmax())
+        worst = diff.flatten()[idx].item()
+        ref = expected.flatten()[idx].item()
+        raise AssertionError(
+            f"{name}: {int((diff > limit).sum())}/{diff.numel()} elements out of tolerance "
+            f"(rtol={rtol}, atol={atol}); worst at flat index {idx}: got {actual.flatten()[idx].item():.6g}, "
+            f"expected {ref:.6g}, |diff|={worst:.3g}, max |diff| overall {diff.max().item():.3g}")
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    """An output buffer filled with NaN so that unwritten elements fail the comparison."""
+    return torch.full_like(t, POISON)
