@@ -1,0 +1,55 @@
+"""Config: official names, YAML + overrides, one clear line for every bad key or value."""
+import pytest
+
+from dino_fast.cli import main
+from dino_fast.config import ConfigError, TrainConfig, load_config
+
+
+def test_defaults_are_the_official_recipe():
+    c = TrainConfig()
+    assert (c.out_dim, c.momentum_teacher, c.teacher_temp, c.student_temp, c.center_momentum) == \
+        (65536, 0.996, 0.04, 0.1, 0.9)
+    assert (c.global_crops_scale, c.local_crops_scale, c.global_crops_size, c.local_crops_size) == \
+        ((0.4, 1.0), (0.05, 0.4), 224, 96)
+    assert (c.weight_decay, c.weight_decay_end, c.clip_grad, c.lr, c.min_lr) == (0.04, 0.4, 3.0, 5e-4, 1e-6)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("arch: vit_tiny\nlr: 0.001\nlocal_crops_scale: [0.1, 0.3]\nnorm_last_layer: false\n")
+    c = load_config(p, {"lr": 0.002})
+    assert c.arch == "vit_tiny" and c.lr == 0.002 and c.local_crops_scale == (0.1, 0.3)
+    assert c.norm_last_layer is False
+    assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'lrr' in .*c.yaml \(did you mean 'lr'\?\)"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"arch": "vit_huge"}, "arch='vit_huge'"),
+    ({"global_crops_scale": (0.5, 0.2)}, "global_crops_scale"),
+    ({"global_crops_size": 100}, "multiple of patch_size"),
+    ({"batch_size_per_gpu": 0}, "batch_size_per_gpu=0"),
+    ({"epochs": "ten"}, "expected int"),
+])
+def test_bad_values(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(changes)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_bad_key_one_line(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("teacher_tmp: 0.04\n")
+    assert main(["train", "--config", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key 'teacher_tmp'" in err[0] and "teacher_temp" in err[0]

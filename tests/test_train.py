@@ -1,0 +1,122 @@
+"""The trainer end to end on CPU: a short run, exact resume, and every failure's message."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino_fast.cli import main
+from dino_fast.config import TrainConfig
+from dino_fast.data.demo import make_demo_dataset
+from dino_fast.train import NonFiniteLossError, Trainer
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train_per_class=4, n_val_per_class=2, size=32)
+
+
+def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(arch="vit_tiny", depth=2, patch_size=8, drop_path_rate=0.1, out_dim=256, head_hidden_dim=64,
+                head_bottleneck_dim=32, global_crops_size=32, local_crops_size=16, local_crops_number=2,
+                batch_size_per_gpu=8, epochs=2, warmup_epochs=1, warmup_teacher_temp_epochs=1, num_workers=0,
+                log_every=1, checkpoint_every=2, progress=False, loss_impl="torch", ema_impl="foreach",
+                precision="fp32", attn_backend="sdpa", data_path=str(data / "train"), output_dir=str(out), lr=1e-3)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    out = {f"student.{k}": v for k, v in trainer.student.state_dict().items()}
+    out.update({f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()})
+    out["center"] = trainer.loss_fn.center
+    return out
+
+
+def test_two_steps_train(demo_root, tmp_path):
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path, max_steps=2))
+    before = {k: v.clone() for k, v in _params(trainer).items()}
+    summary = trainer.fit()
+    assert summary["steps"] == 2 and summary["loss"] == summary["loss"]  # finite, not NaN
+    after = _params(trainer)
+    assert not torch.equal(before["student.backbone.cls_token"], after["student.backbone.cls_token"])
+    assert not torch.equal(before["teacher.backbone.cls_token"], after["teacher.backbone.cls_token"])
+    assert not torch.equal(before["center"], after["center"])
+    # freeze_last_layer=1: the head's last layer does not move during epoch 0
+    assert torch.equal(before["student.head.last_layer.weight_v"], after["student.head.last_layer.weight_v"])
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(float(r["img_per_s"]) > 0 and float(r["lr"]) >= 0 for r in rows)
+    assert summary["checkpoint"].endswith("checkpoint-00000002.pth")
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_resume_is_bit_identical(demo_root, tmp_path):
+    straight = Trainer(tiny_cfg(demo_root, tmp_path / "a", max_steps=7))
+    straight.fit()
+    first = Trainer(tiny_cfg(demo_root, tmp_path / "b", max_steps=4))  # stops at step 4 (ckpt at 4)
+    first.fit()
+    resumed = Trainer(tiny_cfg(demo_root, tmp_path / "b", max_steps=7, resume="auto"))
+    resumed.fit()
+    assert resumed.step == straight.step == 7  # crosses the epoch boundary (5 batches per epoch)
+    a, b = _params(straight), _params(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for i in opt_a:
+        assert torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"])
+
+
+def test_nonfinite_loss_stops_and_saves_nothing(demo_root, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path, max_steps=6, log_every=10, checkpoint_every=2))
+    real = trainer.loss_fn.forward
+    calls = {"n": 0}
+
+    def poisoned(s, t, epoch):
+        calls["n"] += 1
+        loss = real(s, t, epoch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer.loss_fn, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"NaN/Inf \(between step 1 and step 4\).*checkpoint-00000002.pth"):
+        trainer.fit()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["checkpoint-00000002.pth"]  # step 4's save refused; nothing corrupt written
+    state = torch.load(tmp_path / "checkpoints" / names[0], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    err = _cli_error(["train", "--data_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o"),
+                      "--num_workers", "0"], capsys)
+    assert "data folder not found" in err and "nope" in err
+
+
+def test_empty_class_folder(demo_root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "train", data)
+    (data / "zz_empty").mkdir()
+    err = _cli_error(["train", "--data_path", str(data), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "zz_empty" in err and "no images" in err
+
+
+def test_corrupt_image_is_skipped_and_training_goes_on(demo_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "train", data)
+    victim = sorted((data / sorted(p.name for p in data.iterdir())[0]).iterdir())[0]
+    victim.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path / "o", data_path=str(data), max_steps=5))
+    with pytest.warns(UserWarning, match=victim.name):
+        summary = trainer.fit()
+    assert summary["steps"] == 5
+    assert trainer.data.dataset.num_corrupt >= 1
