@@ -55,20 +55,21 @@ a run resumed with ``set_epoch`` sees the same images in the same order but not 
 same crops as an uninterrupted run.
 
 DALI's decoder stops the whole pipeline on a broken file, so files are checked up
-front (``validate``): ``"header"`` (default) reads each file and parses its structure
-(JPEG markers up to the scan plus an end-of-image marker after it, which catches
-truncation; PNG signature and IEND; other formats are fully decoded by PIL),
+front (``validate``): ``"header"`` (default) reads the head and tail of each file
+(JPEG: the markers up to the scan and an end-of-image marker after it, which catches
+truncation; PNG: signature and IEND chunk; other formats are fully decoded by PIL),
 ``"full"`` decodes every file with PIL, ``"none"`` trusts the folder. Bad files are
 skipped with a warning naming each and counted in :attr:`num_skipped`.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -131,21 +132,40 @@ def _color_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The "header" check reads the first _HEAD_BYTES and the last _TAIL_BYTES of a file
+# (more only for unusual files), not the whole data set.
+_HEAD_BYTES = 16384
+_TAIL_BYTES = 4096
 
 
-def _jpeg_problem(data: bytes) -> str | None:
-    """Why DALI's JPEG decoder would reject ``data``, or None. Walks the marker
-    segments up to the first scan (SOS) and requires an end-of-image marker after
-    it: entropy-coded data byte-stuffs every 0xFF, so FFD9 there is a real EOI, and
-    a truncated file has none."""
-    n = len(data)
+class _Window:
+    """Byte ranges of an open file, served from one initial read of its head when possible."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f, self.size = f, size
+        self.head = f.read(min(size, _HEAD_BYTES))
+
+    def at(self, pos: int, n: int) -> bytes:
+        if pos + n <= len(self.head):
+            return self.head[pos:pos + n]
+        self.f.seek(pos)
+        return self.f.read(n)
+
+
+def _jpeg_problem(w: _Window) -> str | None:
+    """Why DALI's JPEG decoder would reject the file, or None. Walks the marker
+    segments up to the first scan (SOS) and requires an end-of-image marker (FFD9)
+    after it: entropy-coded data byte-stuffs every 0xFF, so FFD9 there is a real
+    EOI, and a truncated file has none. The tail is searched first; only files with
+    trailing bytes after the EOI are searched whole."""
     pos, frame = 2, None
     while True:
-        if pos + 4 > n:
+        seg = w.at(pos, 9)  # marker (2), length (2), SOF precision/height/width (5)
+        if len(seg) < 4:
             return "truncated in the header"
-        if data[pos] != 0xFF:
+        if seg[0] != 0xFF:
             return f"corrupt JPEG header (no marker at byte {pos})"
-        marker = data[pos + 1]
+        marker = seg[1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
@@ -154,13 +174,13 @@ def _jpeg_problem(data: bytes) -> str | None:
             continue
         if marker == 0xD9:
             return "end-of-image marker before any image data"
-        length = (data[pos + 2] << 8) | data[pos + 3]
+        length = (seg[2] << 8) | seg[3]
         if length < 2:
             return f"corrupt JPEG header (segment length {length} at byte {pos})"
         if marker in _JPEG_SOF:
-            if pos + 9 > n:
+            if len(seg) < 9:
                 return "truncated in the frame header"
-            frame = ((data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8])
+            frame = ((seg[5] << 8) | seg[6], (seg[7] << 8) | seg[8])
         if marker == 0xDA:  # start of scan
             break
         pos += 2 + length
@@ -168,9 +188,12 @@ def _jpeg_problem(data: bytes) -> str | None:
         return "no JPEG frame header before the image data"
     if frame[0] == 0 or frame[1] == 0:
         return f"JPEG frame of size {frame[1]}x{frame[0]}"
-    if data.find(b"\xff\xd9", pos) < 0:
-        return "truncated (no end-of-image marker after the image data)"
-    return None
+    tail_start = max(pos, w.size - _TAIL_BYTES)
+    if b"\xff\xd9" in w.at(tail_start, w.size - tail_start):
+        return None
+    if tail_start > pos and b"\xff\xd9" in w.at(pos, w.size - pos):
+        return None
+    return "truncated (no end-of-image marker after the image data)"
 
 
 def validate_image_file(path: str, mode: str = "header") -> str | None:
@@ -178,21 +201,22 @@ def validate_image_file(path: str, mode: str = "header") -> str | None:
     if mode == "none":
         return None
     try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
         with open(path, "rb") as f:
-            data = f.read()
+            w = _Window(f, size)
+            if mode == "header" and w.head[:3] == b"\xff\xd8\xff":
+                return _jpeg_problem(w)
+            if mode == "header" and w.head[:8] == _PNG_SIGNATURE:
+                tail_start = max(8, size - _TAIL_BYTES)
+                return None if b"IEND" in w.at(tail_start, size - tail_start) else "truncated PNG (no IEND chunk)"
+            if mode == "header" and w.head[:2] == b"\xff\xd8":
+                return "corrupt JPEG header"
+            data = w.head if len(w.head) == size else w.at(0, size)
     except OSError as e:
         return f"unreadable: {e}"
-    if not data:
-        return "empty file"
-    if mode == "header" and data[:3] == b"\xff\xd8\xff":
-        return _jpeg_problem(data)
-    if mode == "header" and data[:8] == _PNG_SIGNATURE:
-        return None if data.rfind(b"IEND", 8) > 0 else "truncated PNG (no IEND chunk)"
-    if mode == "header" and data[:2] == b"\xff\xd8":
-        return "corrupt JPEG header"
     try:  # any other format (or mode="full"): a complete PIL decode
-        import io
-
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.width == 0 or img.height == 0:

@@ -1,0 +1,226 @@
+"""DINO ViT backbone: timm's ``VisionTransformer`` with the official DINO behaviour.
+
+What differs from a plain timm ViT, and why:
+- position embeddings are resized per input with the official DINO interpolation
+  (``pos_embed.interpolate_pos_encoding``), so 96-px local crops and official checkpoints
+  see exactly the embeddings they see in the official code;
+- inputs whose side is not a multiple of the patch are cropped at the right/bottom, which is
+  what the official stride-``p`` convolution does (timm would assert);
+- ``Attention`` with a backend switch (sdpa | xformers | math) and packed multi-crop
+  forward (``forward_packed``) with block-diagonal attention;
+- official init (class token ~ trunc_normal(.02), timm draws it with std 1e-6) and the
+  official API: ``forward -> CLS``, ``get_last_selfattention``, ``get_intermediate_layers``.
+State-dict keys are timm's ``VisionTransformer(num_classes=0)`` keys, which equal the official
+DINO backbone keys.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention, PackedSeqlens, _check_backend, _is_packed, set_attn_backend
+from .pos_embed import interpolate_pos_encoding
+
+__all__ = ["ARCHS", "DinoViT", "DinoBlock", "build_backbone"]
+
+ARCHS: dict[str, dict[str, int]] = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+PATCH_SIZES = (8, 16)
+
+# Arguments DINO fixes; passing them through **kw would build a different model.
+_FIXED = ("num_classes", "global_pool", "class_token", "reg_tokens", "no_embed_class", "pre_norm",
+          "dynamic_img_size", "dynamic_img_pad", "embed_layer", "block_fn", "attn_layer", "norm_layer",
+          "fc_norm", "final_norm", "pos_embed")
+
+
+class _FloorPatchEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` that drops the right/bottom remainder like a plain stride-p conv
+    (official DINO) instead of asserting that the size divides by the patch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = self.patch_size
+        H, W = x.shape[-2:]
+        if H % ph or W % pw:
+            x = x[..., : H - H % ph, : W - W % pw]
+        return super().forward(x)
+
+
+def _packed_drop_path(y: torch.Tensor, seqs: PackedSeqlens, drop_prob: float) -> torch.Tensor:
+    """Stochastic depth per packed *sequence* (per image view), as unpacked timm/official DINO
+    drop per sample; a plain DropPath on the (1, T, D) row would drop every view at once."""
+    keep_prob = 1.0 - drop_prob
+    keep = y.new_empty(seqs.num_seqs).bernoulli_(keep_prob)  # (S,)
+    if keep_prob > 0.0:
+        keep.div_(keep_prob)
+    per_token = torch.cat([keep[s0:s0 + c].repeat_interleave(n) for _, s0, c, n in seqs.runs])  # (T,)
+    return y * per_token[None, :, None]
+
+
+class DinoBlock(Block):
+    """timm ``Block`` (same parameters) whose drop path is per sequence on packed input."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
+        drop_prob = getattr(self.drop_path1, "drop_prob", 0.0)
+        if not (_is_packed(attn_mask) and self.training and drop_prob > 0.0):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        seqs = PackedSeqlens.from_any(attn_mask)
+        x = x + _packed_drop_path(self.ls1(self.attn(self.norm1(x), attn_mask=seqs)), seqs, drop_prob)
+        x = x + _packed_drop_path(self.ls2(self.mlp(self.norm2(x))), seqs, self.drop_path2.drop_prob)
+        return x
+
+
+class DinoViT(VisionTransformer):
+    """DINO ViT backbone (see module docstring). Build it with :func:`build_backbone`."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
+                 num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 attn_backend: str = "auto", **kw: Any) -> None:
+        fixed = sorted(set(kw) & set(_FIXED))
+        if fixed:
+            raise ValueError(f"DinoViT fixes {fixed} (DINO architecture); do not pass them")
+        _check_backend(attn_backend)
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, num_classes=0, global_pool="token", class_token=True,
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            # NHWC patch tokens keep the grid shape for _pos_embed; no size assert in patch_embed.
+            dynamic_img_size=True, embed_layer=_FloorPatchEmbed, block_fn=DinoBlock, attn_layer=Attention,
+            **kw,
+        )
+        self.patch_size = patch_size
+        trunc_normal_(self.cls_token, std=0.02)  # official DINO init (timm: normal std 1e-6)
+        set_attn_backend(self, attn_backend)
+
+    # --- tokens -------------------------------------------------------------------------
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, h, w, D) -> (B, 1 + h*w, D) with class token and official pos-embed."""
+        B, h, w, D = x.shape
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x.reshape(B, h * w, D)), dim=1)
+        x = x + interpolate_pos_encoding(self.pos_embed, h, w)
+        return self.pos_drop(x)
+
+    def _check_images(self, x: torch.Tensor, what: str = "input") -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{what} must be a Tensor, got {type(x).__name__}")
+        p = self.patch_size
+        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[-2] < p or x.shape[-1] < p:
+            raise ValueError(f"{what} must be (B, {self.in_chans}, H, W) images with H, W >= patch {p}, "
+                             f"got shape {tuple(x.shape)}")
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, 1 + h*w, D), as official ``prepare_tokens``."""
+        self._check_images(x)
+        x = self._pos_embed(self.patch_embed(x))
+        return self.norm_pre(self.patch_drop(x))
+
+    # --- forwards -----------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
+        """All tokens after the final norm: (B, 1 + h*w, D)."""
+        x = self.prepare_tokens(x)
+        if attn_mask is not None or is_causal:
+            for blk in self.blocks:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """CLS token after the final norm, (B, D) (official DINO ViT forward)."""
+        return self.forward_features(x)[:, 0]
+
+    def forward_packed(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """CLS features of all ``views`` from ONE pass through the blocks: (sum_v B_v, D).
+
+        Each run of consecutive same-size views is patch-embedded together with its own
+        pos-embed interpolation; every image's tokens then go back to back into one row
+        (1, T, D) and the blocks attend block-diagonally (``PackedSeqlens``). Rows come out
+        in the given view order, same layout as ``torch.cat([self(v) for v in views])``.
+        """
+        if isinstance(views, torch.Tensor):
+            views = [views]
+        if not views:
+            raise ValueError("forward_packed needs at least one view")
+        for i, v in enumerate(views):
+            self._check_images(v, f"views[{i}]")
+            if v.device != views[0].device or v.dtype != views[0].dtype:
+                raise ValueError(f"views[{i}] is {v.dtype} on {v.device}, views[0] is "
+                                 f"{views[0].dtype} on {views[0].device}")
+        if not isinstance(self.patch_drop, nn.Identity):
+            raise NotImplementedError("forward_packed does not support patch dropout")
+        tokens, seqlens = [], []
+        for start, end in _same_size_runs(views):
+            x = views[start] if end - start == 1 else torch.cat(views[start:end])
+            x = self._pos_embed(self.patch_embed(x))  # (B_r, N_r, D)
+            tokens.append(x.reshape(1, -1, x.shape[-1]))
+            seqlens += [x.shape[1]] * x.shape[0]
+        x = self.norm_pre(torch.cat(tokens, dim=1))  # (1, T, D)
+        seqs = PackedSeqlens(seqlens)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, seqs, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask=seqs)
+        # LayerNorm is per token: normalising only the CLS rows gives the same values.
+        return self.norm(seqs.cls_tokens(x))
+
+    # --- official DINO evaluation API ---------------------------------------------------
+    @torch.no_grad()
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of the last block, (B, heads, N, N) (math backend)."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = self.blocks[-1]
+        return last.attn.attention_probs(last.norm1(x))
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:  # type: ignore[override]
+        """Final-normed tokens (B, N, D) of the last ``n`` blocks (official DINO semantics,
+        used by the linear probe; timm's method of the same name returns un-normed ones)."""
+        depth = len(self.blocks)
+        if not 1 <= n <= depth:
+            raise ValueError(f"n must be in [1, {depth}], got {n}")
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if depth - i <= n:
+                out.append(self.norm(x))
+        return out
+
+
+def _same_size_runs(views: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive views with the same (H, W) (official unique_consecutive,
+    which keys on the width only; keying on both sides is never wrong)."""
+    runs: list[tuple[int, int]] = []
+    for i, v in enumerate(views):
+        if runs and views[runs[-1][0]].shape[-2:] == v.shape[-2:]:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def build_backbone(arch: str = "vit_small", patch_size: int = 16, drop_path_rate: float = 0.0,
+                   attn_backend: str = "auto", img_size: int = 224, **kw: Any) -> DinoViT:
+    """A DINO ViT: ``arch`` in ``ARCHS`` (vit_tiny | vit_small | vit_base), patch 8 or 16.
+
+    ``kw`` goes to :class:`DinoViT` / timm (e.g. ``depth=2`` for small test models)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    if patch_size not in PATCH_SIZES:
+        raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {patch_size}")
+    cfg = {**ARCHS[arch], **kw}
+    return DinoViT(img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate,
+                   attn_backend=attn_backend, **cfg)

@@ -1,0 +1,393 @@
+"""DINO ViT / head / multi-crop vs timm and vs the official DINO code (re-written here from the
+official vision_transformer.py). Shallow models keep the file fast on CPU."""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from dino_fast.models import (ARCHS, DINOHead, DinoViT, MultiCropWrapper, PackedSeqlens, build_backbone,
+                              interpolate_pos_encoding, set_attn_backend, xformers_usable)
+from dino_fast.models.vit import _packed_drop_path
+from tests.helpers import assert_close, requires_cuda
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 on CUDA must be real fp32 for the tight tolerances below."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# --- references written from the official DINO vision_transformer.py --------------------------
+def official_interpolate_pos_encoding(pos_embed: torch.Tensor, x: torch.Tensor, w: int, h: int,
+                                      patch_size: int) -> torch.Tensor:
+    """Official ``VisionTransformer.interpolate_pos_encoding(x, w, h)``; x: tokens incl. CLS,
+    ``w, h = img.shape[2:]`` (the official code names dim 2 ``w``)."""
+    npatch = x.shape[1] - 1
+    N = pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = x.shape[-1]
+    w0 = w // patch_size
+    h0 = h // patch_size
+    w0, h0 = w0 + 0.1, h0 + 0.1
+    patch_pos_embed = nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+        mode="bicubic",
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def official_tokens(ref: VisionTransformer, img: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Official ``prepare_tokens`` on the weights of a timm ViT (plain stride-p conv)."""
+    B, _, w, h = img.shape
+    x = ref.patch_embed.proj(img).flatten(2).transpose(1, 2)
+    x = torch.cat((ref.cls_token.expand(B, -1, -1), x), dim=1)
+    return x + official_interpolate_pos_encoding(ref.pos_embed, x, w, h, patch_size)
+
+
+def official_forward(ref: VisionTransformer, img: torch.Tensor, patch_size: int) -> torch.Tensor:
+    x = official_tokens(ref, img, patch_size)
+    for blk in ref.blocks:
+        x = blk(x)
+    return ref.norm(x)[:, 0]
+
+
+def timm_reference(depth: int, patch_size: int, embed_dim: int = 192, heads: int = 3, seed: int = 0,
+                   device: torch.device | str = "cpu") -> VisionTransformer:
+    """A randomly initialised timm ViT with DINO's settings (LayerNorm eps 1e-6, qkv bias)."""
+    torch.manual_seed(seed)
+    ref = VisionTransformer(img_size=224, patch_size=patch_size, num_classes=0, embed_dim=embed_dim, depth=depth,
+                            num_heads=heads, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6)).to(device)
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped or skipped one shows
+        for name, p in ref.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+        ref.cls_token.normal_(0, 0.5)
+    return ref.eval()
+
+
+def load_from(ref: VisionTransformer, backend: str, device: torch.device | str, **kw) -> DinoViT:
+    depth, p = len(ref.blocks), ref.patch_embed.patch_size[0]
+    arch = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}[ref.embed_dim]
+    model = build_backbone(arch, patch_size=p, depth=depth, attn_backend=backend, **kw).to(device)
+    model.load_state_dict(ref.state_dict())
+    return model.eval()
+
+
+def views(batch: int, seed: int, device, sizes=(32, 32, 16, 16, 16)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in sizes]
+
+
+# --- backbone vs timm / official -------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("patch_size,embed_dim,heads", [(16, 384, 6), (8, 192, 3)])
+def test_backbone_matches_timm_at_224(backend, patch_size, embed_dim, heads, device):
+    ref = timm_reference(depth=2, patch_size=patch_size, embed_dim=embed_dim, heads=heads, seed=patch_size,
+                         device=device)
+    model = load_from(ref, backend, device)
+    img = torch.randn(2, 3, 224, 224, device=device)
+    with torch.no_grad():
+        assert_close(model(img), ref(img), name=f"{backend} CLS vs timm", **FP32)
+
+
+@pytest.mark.parametrize("hw", [(96, 96), (64, 112), (100, 75), (224, 224)])
+def test_backbone_matches_official_at_any_size(hw, device):
+    """Local-crop sizes, non-square and non-divisible inputs: official tokens + blocks."""
+    ref = timm_reference(depth=1, patch_size=16, embed_dim=384, heads=6, seed=sum(hw), device=device)
+    model = load_from(ref, "sdpa", device)
+    img = torch.randn(2, 3, *hw, device=device)
+    with torch.no_grad():
+        assert_close(model(img), official_forward(ref, img, 16), name=f"CLS at {hw}", **FP32)
+
+
+def test_state_dict_keys_equal_timm_and_official():
+    depth = 2
+    model = build_backbone("vit_tiny", patch_size=16, depth=depth)
+    ref = timm_reference(depth=depth, patch_size=16)
+    official = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias"}
+    for i in range(depth):
+        for mod in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            official |= {f"blocks.{i}.{mod}.weight", f"blocks.{i}.{mod}.bias"}
+    assert set(model.state_dict()) == set(ref.state_dict()) == official
+    assert model.pos_embed.shape == (1, 1 + 14 * 14, 192) and model.embed_dim == 192
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_archs(arch):
+    expected = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[arch]
+    assert (ARCHS[arch]["embed_dim"], ARCHS[arch]["num_heads"], ARCHS[arch]["depth"]) == (*expected, 12)
+    model = build_backbone(arch, patch_size=8, depth=1)
+    assert model.embed_dim == expected[0] and model.blocks[0].attn.num_heads == expected[1]
+    assert model.blocks[0].norm1.eps == 1e-6 and model.blocks[0].attn.qkv.bias is not None
+    assert model.pos_embed.shape[1] == 1 + 28 * 28
+    assert model(torch.randn(1, 3, 16, 24)).shape == (1, expected[0])
+
+
+def test_build_backbone_rejects_bad_args():
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_backbone("vit_huge")
+    with pytest.raises(ValueError, match="patch_size"):
+        build_backbone("vit_tiny", patch_size=14)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        build_backbone("vit_tiny", depth=1, attn_backend="flash")
+    with pytest.raises(ValueError, match="fixes"):
+        build_backbone("vit_tiny", depth=1, num_classes=10)
+    model = build_backbone("vit_tiny", patch_size=16, depth=1)
+    with pytest.raises(ValueError, match="images"):
+        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="images"):
+        model(torch.randn(2, 3, 8, 32))
+    with pytest.raises(ValueError, match="views\\[1\\]"):
+        model.forward_packed([torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32, dtype=torch.float64)])
+
+
+# --- position embedding ----------------------------------------------------------------------
+@pytest.mark.parametrize("patch_size,hw", [(16, (96, 96)), (8, (96, 96)), (16, (96, 160)), (16, (224, 48)),
+                                           (8, (40, 24)), (16, (448, 448))])
+def test_interpolate_pos_encoding_matches_official(patch_size, hw):
+    torch.manual_seed(patch_size + hw[0] + hw[1])
+    side = 224 // patch_size
+    pos = torch.randn(1, 1 + side * side, 24)
+    gh, gw = hw[0] // patch_size, hw[1] // patch_size
+    tokens = torch.empty(1, 1 + gh * gw, 24)
+    expected = official_interpolate_pos_encoding(pos, tokens, hw[0], hw[1], patch_size)
+    out = interpolate_pos_encoding(pos, gh, gw)
+    assert_close(out, expected, name=f"pos_embed {hw}", rtol=0, atol=0)
+    assert torch.equal(out[:, 0], pos[:, 0])
+
+
+def test_interpolate_pos_encoding_identity_and_errors():
+    pos = torch.randn(1, 1 + 49, 8)
+    assert interpolate_pos_encoding(pos, 7, 7) is pos
+    with pytest.raises(ValueError, match="square"):
+        interpolate_pos_encoding(torch.randn(1, 1 + 48, 8), 6, 8)
+    with pytest.raises(ValueError, match=r"\(1, 1 \+ N, D\)"):
+        interpolate_pos_encoding(torch.randn(50, 8), 7, 7)
+    with pytest.raises(ValueError, match="at least"):
+        interpolate_pos_encoding(pos, 0, 3)
+
+
+# --- packed multi-crop forward ---------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_packed_equals_per_resolution(backend, device):
+    """2 globals at 32 px + 3 locals at 16 px, patch 8: CLS outputs and parameter gradients."""
+    ref = timm_reference(depth=2, patch_size=8, seed=11, device=device)
+    model = load_from(ref, backend, device, drop_path_rate=0.2)  # eval(): drop path off, must not matter
+    xs = views(batch=2, seed=5, device=device)
+    packed = model.forward_packed(xs)
+    per_res = torch.cat([model(torch.cat(xs[:2])), model(torch.cat(xs[2:]))])
+    assert packed.shape == (10, 192)
+    assert_close(packed, per_res, name="packed CLS", **FP32)
+    with torch.no_grad():
+        assert_close(packed[:2], official_forward(ref, xs[0], 8), name="packed CLS vs official", **FP32)
+    g = torch.randn_like(packed)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(packed, params, g)
+    grads_ref = torch.autograd.grad(per_res, params, g)
+    for (name, _), a, b in zip(model.named_parameters(), grads, grads_ref):
+        assert_close(a, b, name=f"grad {name}", **FP32)
+
+
+@pytest.mark.parametrize("sizes", [(16, 32, 16, 32), (24,)])
+def test_packed_interleaved_and_single_view(sizes, device):
+    model = load_from(timm_reference(depth=1, patch_size=8, seed=3, device=device), "sdpa", device)
+    xs = views(batch=3, seed=7, device=device, sizes=sizes)
+    with torch.no_grad():
+        assert_close(model.forward_packed(xs), torch.cat([model(x) for x in xs]), name="packed", **FP32)
+
+
+def test_packed_drop_path_is_per_sequence():
+    torch.manual_seed(0)
+    seqs = PackedSeqlens([5] * 40 + [2] * 60)
+    y = torch.ones(1, seqs.total, 3)
+    out = _packed_drop_path(y, seqs, drop_prob=0.5)
+    per_seq = out[0].split(list(seqs.seqlens))  # (len, 3) each
+    for part in per_seq:
+        assert torch.equal(part, part[:1].expand_as(part)), "drop path must act on whole sequences"
+    firsts = torch.stack([p[0, 0] for p in per_seq])
+    assert set(firsts.unique().tolist()) == {0.0, 2.0}  # dropped or scaled by 1 / keep_prob
+
+
+def test_packed_training_with_drop_path_runs_and_differs_per_view():
+    model = build_backbone("vit_tiny", patch_size=8, depth=2, drop_path_rate=0.9, attn_backend="sdpa").train()
+    torch.manual_seed(1)
+    out = model.forward_packed(views(batch=4, seed=2, device="cpu"))
+    out.sum().backward()
+    assert out.shape == (20, 192) and torch.isfinite(out).all()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_multicrop_wrapper_matches_per_view(packed, device):
+    ref = timm_reference(depth=1, patch_size=8, seed=4, device=device)
+    backbone = load_from(ref, "sdpa", device)
+    torch.manual_seed(0)
+    head = DINOHead(192, 97, hidden_dim=64, bottleneck_dim=32).to(device)
+    wrapper = MultiCropWrapper(backbone, head, packed=packed)
+    xs = views(batch=2, seed=9, device=device)
+    out = wrapper(xs)
+    expected = head(torch.cat([official_forward(ref, x, 8) for x in xs]))
+    assert out.shape == (10, 97)
+    assert_close(out, expected, name=f"wrapper packed={packed}", **FP32)
+    assert_close(wrapper(xs[0]), expected[:2], name="single tensor input", **FP32)
+    with pytest.raises(TypeError):
+        wrapper([])
+    with pytest.raises(TypeError, match="forward_packed"):
+        MultiCropWrapper(nn.Linear(3, 3), head, packed=True)
+
+
+# --- evaluation API --------------------------------------------------------------------------
+def test_get_last_selfattention(device):
+    ref = timm_reference(depth=2, patch_size=8, seed=6, device=device)
+    model = load_from(ref, "sdpa", device)
+    img = torch.randn(2, 3, 40, 24, device=device)
+    attn = model.get_last_selfattention(img)
+    n = 1 + 5 * 3
+    assert attn.shape == (2, 3, n, n)
+    assert_close(attn.sum(-1), torch.ones(2, 3, n, device=device), name="row sums", **FP32)
+    with torch.no_grad():  # official: last block's softmax(q k^T / sqrt(d)) on norm1 of its input
+        x = ref.blocks[0](official_tokens(ref, img, 8))
+        q, k, _ = ref.blocks[1].attn.qkv(ref.blocks[1].norm1(x)).reshape(2, n, 3, 3, 64).permute(2, 0, 3, 1, 4)
+        expected = F.softmax(q @ k.transpose(-2, -1) * 64 ** -0.5, dim=-1)
+    assert_close(attn, expected, name="attention", **FP32)
+
+
+def test_get_intermediate_layers(device):
+    ref = timm_reference(depth=3, patch_size=8, seed=8, device=device)
+    model = load_from(ref, "sdpa", device)
+    img = torch.randn(2, 3, 32, 24, device=device)
+    with torch.no_grad():
+        outs = model.get_intermediate_layers(img, n=2)
+        assert [o.shape for o in outs] == [(2, 13, 192)] * 2
+        x = ref.blocks[1](ref.blocks[0](official_tokens(ref, img, 8)))
+        assert_close(outs[0], ref.norm(x), name="block 2 normed", **FP32)
+        assert_close(outs[1][:, 0], model(img), name="last block CLS", **FP32)
+    with pytest.raises(ValueError, match="n must be"):
+        model.get_intermediate_layers(img, n=4)
+
+
+# --- head ------------------------------------------------------------------------------------
+def _official_last_layer(head: DINOHead) -> torch.Tensor:
+    """Weight the official nn.utils.weight_norm(Linear) computes from (g, v): g * v / ||v||_row."""
+    return torch._weight_norm(head.last_layer.weight_v, head.last_layer.weight_g, 0)
+
+
+@pytest.mark.parametrize("nlayers,use_bn", [(3, False), (1, False), (4, True)])
+def test_head_matches_reference(nlayers, use_bn, device):
+    torch.manual_seed(nlayers)
+    head = DINOHead(48, 301, use_bn=use_bn, nlayers=nlayers, hidden_dim=40, bottleneck_dim=24).to(device)
+    with torch.no_grad():
+        head.last_layer.weight_g.uniform_(0.5, 2.0)  # exercise g (official checkpoints can have g != 1)
+    x = torch.randn(6, 48, device=device)
+    z = head.mlp(x)
+    assert z.shape == (6, 24)
+    expected = F.normalize(z, dim=-1) @ _official_last_layer(head).t()
+    out = head(x)
+    assert out.shape == (6, 301)
+    assert_close(out, expected, name="head", **FP32)
+    linear_count = sum(isinstance(m, nn.Linear) for m in head.mlp.modules())
+    assert linear_count == nlayers and (sum(isinstance(m, nn.BatchNorm1d) for m in head.modules()) > 0) == use_bn
+    assert all(int(torch.count_nonzero(m.bias)) == 0 for m in head.mlp.modules() if isinstance(m, nn.Linear))
+    stds = [m.weight.std().item() for m in head.mlp.modules() if isinstance(m, nn.Linear)]
+    assert all(0.015 < s < 0.025 for s in stds), stds  # trunc_normal(std=.02)
+
+
+def test_head_bottleneck_is_unit_norm():
+    torch.manual_seed(0)
+    head = DINOHead(32, 50, hidden_dim=16, bottleneck_dim=8)
+    seen = {}
+    head.last_layer.register_forward_pre_hook(lambda m, args: seen.setdefault("z", args[0]))
+    head(torch.randn(5, 32) * 10)
+    assert_close(seen["z"].norm(dim=-1), torch.ones(5), name="bottleneck norms", **FP32)
+    # With g = 1 every prototype is a unit vector.
+    assert_close(head.last_layer.weight.norm(dim=1), torch.ones(50), name="prototype norms", **FP32)
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_head_weight_norm_params(norm_last_layer):
+    head = DINOHead(16, 40, norm_last_layer=norm_last_layer, hidden_dim=8, bottleneck_dim=4)
+    keys = set(head.state_dict())
+    assert {"last_layer.weight_g", "last_layer.weight_v"} <= keys and "last_layer.weight" not in keys
+    assert "last_layer.bias" not in keys
+    g = head.last_layer.weight_g
+    assert g.shape == (40, 1) and head.last_layer.weight_v.shape == (40, 4)
+    assert torch.equal(g, torch.ones(40, 1)) and g.requires_grad == (not norm_last_layer)
+    head(torch.randn(3, 16)).sum().backward()
+    assert (g.grad is not None) == (not norm_last_layer) and head.last_layer.weight_v.grad is not None
+
+
+def test_head_loads_official_weight_norm_state_dict():
+    """An official DINOHead state dict (nn.utils.weight_norm keys) loads and gives its outputs."""
+    torch.manual_seed(1)
+    lin = nn.Linear(8, 30, bias=False)
+    g = torch.rand(30, 1) + 0.5
+    official_w = g * lin.weight / lin.weight.norm(dim=1, keepdim=True)
+    head = DINOHead(16, 30, hidden_dim=12, bottleneck_dim=8)
+    sd = head.state_dict()
+    sd["last_layer.weight_g"], sd["last_layer.weight_v"] = g, lin.weight.detach().clone()
+    head.load_state_dict(sd)
+    x = torch.randn(4, 16)
+    assert_close(head(x), F.normalize(head.mlp(x), dim=-1) @ official_w.t(), name="loaded head", **FP32)
+
+
+def test_backend_switch_is_per_module():
+    model = build_backbone("vit_tiny", patch_size=16, depth=2, attn_backend="math")
+    assert {b.attn.backend for b in model.blocks} == {"math"}
+    set_attn_backend(model, "sdpa")
+    assert {b.attn.backend for b in model.blocks} == {"sdpa"}
+
+
+# --- CUDA + xformers, bf16 -------------------------------------------------------------------
+def _need_xformers() -> None:
+    if not xformers_usable(torch.cuda.current_device()):
+        pytest.skip("xformers attention kernels are not usable on this GPU / build")
+
+
+@requires_cuda
+def test_xformers_backbone_matches_sdpa_bf16():
+    _need_xformers()
+    model = load_from(timm_reference(depth=2, patch_size=16, embed_dim=384, heads=6, seed=1, device="cuda"),
+                      "sdpa", "cuda")
+    img = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = model(img)
+        set_attn_backend(model, "xformers")
+        out = model(img)
+    assert_close(out, expected, dtype=torch.bfloat16, name="xformers vs sdpa (bf16)")
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["xformers", "sdpa"])
+def test_packed_equals_per_resolution_bf16(backend):
+    if backend == "xformers":
+        _need_xformers()
+    model = load_from(timm_reference(depth=2, patch_size=16, embed_dim=384, heads=6, seed=2, device="cuda"),
+                      backend, "cuda")
+    xs = views(batch=8, seed=3, device="cuda", sizes=(224, 224, 96, 96, 96, 96))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = model.forward_packed(xs)
+        per_res = torch.cat([model(torch.cat(xs[:2])), model(torch.cat(xs[2:]))])
+    assert_close(packed, per_res, dtype=torch.bfloat16, name=f"{backend} packed vs per-resolution (bf16)")
+    g = torch.randn_like(packed)
+    w = model.blocks[0].attn.qkv.weight
+    (ga,) = torch.autograd.grad(packed, w, g)
+    (gb,) = torch.autograd.grad(per_res, w, g)
+    assert_close(ga, gb, dtype=torch.bfloat16, rtol=5e-2, atol=5e-2, name="qkv grad (bf16)")
