@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     for name, module in (("linear", "dino_fast.eval.linear"), ("visualize", "dino_fast.eval.visualize")):
-        s = sub.add_parser(name, help=f"see `dino-fast {name} -h`", add_help=False)
+        # prefix_chars no option uses: every token goes to `rest`, for the module's own parser
+        s = sub.add_parser(name, help=f"see `dino-fast {name} -h`", add_help=False, prefix_chars="\x00")
         s.add_argument("rest", nargs=argparse.REMAINDER)
         s.set_defaults(func=lambda a, m=module: __import__(m, fromlist=["main"]).main(a.rest))
     return p

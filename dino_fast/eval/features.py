@@ -1,0 +1,205 @@
+"""Frozen-backbone feature extraction for evaluation (k-NN, linear probe), with
+an optional on-disk cache, and the deterministic evaluation transform.
+
+Features follow the official DINO evaluation code (``eval_linear.py``): the CLS
+token of the last block, or the CLS tokens of the last ``n_last_blocks`` blocks
+concatenated, optionally with the average of the last block's patch tokens
+(``avgpool_patchtokens``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "backbone_features", "extract_features",
+           "feature_cache_key", "weights_digest"]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_CACHE_VERSION = 1
+
+
+def eval_transform(resize: int = 256, crop: int = 224):
+    """The official deterministic evaluation transform: Resize(``resize``, bicubic)
+    of the shorter side -> CenterCrop(``crop``) -> ToTensor -> ImageNet normalize.
+
+    Smaller sizes (e.g. ``resize=36, crop=32``) suit small-image datasets."""
+    from torchvision import transforms
+
+    if not (isinstance(resize, int) and isinstance(crop, int)) or resize <= 0 or crop <= 0:
+        raise ValueError(f"eval_transform: resize and crop must be positive ints, got resize={resize!r}, crop={crop!r}")
+    if crop > resize:
+        raise ValueError(f"eval_transform: crop ({crop}) is larger than the resized shorter side ({resize})")
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def backbone_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int | None = None,
+                      avgpool: bool = False) -> torch.Tensor:
+    """Frozen features of one batch, as the official ``eval_linear.py`` builds them.
+
+    ``n_last_blocks=None`` and ``avgpool=False``: ``model(images)``, the normed CLS
+    token (B, D). Otherwise the CLS tokens of the last ``n`` blocks (each normed)
+    concatenated (B, n*D); with ``avgpool`` the mean of the last block's patch
+    tokens is added (B, (n+1)*D). For n == 1 the official code interleaves CLS and
+    average channel by channel ([cls_0, avg_0, cls_1, avg_1, ...]); that order is
+    kept so that the official released linear heads load. (The official code
+    cannot combine avgpool with n > 1; here the average is then appended.)"""
+    if n_last_blocks is None and not avgpool:
+        return model(images)
+    n = 1 if n_last_blocks is None else int(n_last_blocks)
+    if n < 1:
+        raise ValueError(f"n_last_blocks must be >= 1, got {n_last_blocks}")
+    if not hasattr(model, "get_intermediate_layers"):
+        raise TypeError(f"{type(model).__name__} has no get_intermediate_layers(); n_last_blocks/avgpool need a ViT backbone")
+    layers = model.get_intermediate_layers(images, n)  # n x (B, N, D), each normed
+    out = torch.cat([x[:, 0] for x in layers], dim=-1)  # (B, n*D)
+    if avgpool:
+        avg = layers[-1][:, 1:].mean(dim=1)  # (B, D)
+        if n == 1:
+            out = torch.stack((out, avg), dim=-1).reshape(out.shape[0], -1)  # official interleaved order
+        else:
+            out = torch.cat((out, avg), dim=-1)
+    return out
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every state-dict entry's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dataset_identity(dataset: Any) -> dict[str, Any]:
+    """What identifies a dataset's content for the cache: its file list (with
+    labels) when it exposes one (ImageFolder ``samples``/``imgs``, or ``files``),
+    its transform's repr, its class and length."""
+    files = None
+    for attr in ("samples", "imgs", "files"):
+        if hasattr(dataset, attr):
+            files = [list(s) if isinstance(s, tuple) else s for s in getattr(dataset, attr)]
+            files = [[str(x) for x in s] if isinstance(s, list) else str(s) for s in files]
+            break
+    if files is None:
+        log.warning("feature cache: %s exposes no file list (samples/imgs/files); the cache key uses its "
+                    "class, length and repr only", type(dataset).__name__)
+    return {
+        "class": f"{type(dataset).__module__}.{type(dataset).__qualname__}",
+        "len": len(dataset) if hasattr(dataset, "__len__") else None,
+        "files": files,
+        "transform": repr(getattr(dataset, "transform", None)),
+        "repr": None if files is not None else repr(dataset),
+    }
+
+
+def feature_cache_key(model: nn.Module, loader: Iterable, options: dict[str, Any]) -> str:
+    """Hash of the model weights, the dataset (file list, transform) and the options."""
+    dataset = getattr(loader, "dataset", None)
+    ident = {
+        "version": _CACHE_VERSION,
+        "weights": weights_digest(model),
+        "dataset": _dataset_identity(dataset) if dataset is not None else repr(loader),
+        "options": options,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_cache(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt cache is recomputed, not fatal
+        log.warning("feature cache %s unreadable (%s: %s); recomputing", path, type(e).__name__, e)
+        return None
+    if not isinstance(blob, dict) or blob.get("key") != key:
+        log.info("feature cache %s is stale (weights, data, transform or options changed); recomputing", path)
+        return None
+    log.info("feature cache hit: %s", path)
+    return blob["features"], blob["labels"]
+
+
+def _save_cache(path: Path, key: str, features: torch.Tensor, labels: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save({"key": key, "features": features, "labels": labels}, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader: Iterable, device: torch.device | str,
+                     n_last_blocks: int | None = None, avgpool: bool = False,
+                     cache_path: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every batch ``(images, labels)`` of ``loader``.
+
+    Returns ``(features (N, F) float32, labels (N,) int64)`` on the CPU, in loader
+    order. ``dtype`` is the compute dtype: None means bf16 autocast on CUDA and
+    fp32 elsewhere; ``torch.float32`` disables autocast. With ``cache_path`` the
+    result is stored there and reused while the model weights, the dataset's file
+    list and transform, and these options are unchanged (the loader must then be
+    deterministic: no random augmentation, no shuffling)."""
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"extract_features: dtype must be float32, bfloat16 or float16, got {dtype}")
+    options = {"n_last_blocks": n_last_blocks, "avgpool": bool(avgpool), "dtype": str(dtype),
+               "device_type": device.type}
+    key = None
+    if cache_path is not None:
+        cache_path = Path(cache_path)
+        key = feature_cache_key(model, loader, options)
+        hit = _load_cache(cache_path, key)
+        if hit is not None:
+            return hit
+
+    was_training = model.training
+    model.eval()
+    autocast = dtype != torch.float32
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    try:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc="features", disable=not progress, leave=False)
+        for batch in it:
+            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                raise TypeError("extract_features: the loader must yield (images, labels) batches, got "
+                                f"{type(batch).__name__}")
+            images, target = batch[0], batch[1]
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=autocast):
+                f = backbone_features(model, images, n_last_blocks, avgpool)
+            # Host copy per batch: a dataset's features (ImageNet: millions x n*D) would not
+            # fit next to the model in GPU memory; evaluation is not the training hot loop.
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(target).to(dtype=torch.long).cpu())
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError("extract_features: the loader yielded no batches")
+    features = torch.cat(feats)
+    all_labels = torch.cat(labels)
+    if cache_path is not None:
+        _save_cache(cache_path, key, features, all_labels)
+    return features, all_labels

@@ -1,0 +1,364 @@
+"""Load DINO ViT weights from any of the layouts in use, and export ours to them.
+
+Accepted by :func:`load_pretrained` (told apart by content, not file name):
+
+- the official ``main_dino.py`` training checkpoint: ``{"student", "teacher",
+  "optimizer", "epoch", "args": argparse.Namespace, "dino_loss", ...}``; the
+  student's keys carry DDP's ``module.`` prefix, both carry ``backbone.``/``head.``;
+- the official released backbone weights (``dino_deitsmall16_pretrain.pth`` ...):
+  a plain ViT state dict;
+- a timm ViT state dict (``.pth`` or ``.safetensors``), whose classifier
+  ``head.*`` is dropped with a note;
+- dino_fast's own training checkpoints (``"format": "dino_fast"``).
+
+Files are read with ``torch.load(weights_only=True)``; the only non-tensor
+globals allowed are ``argparse.Namespace`` (the official ``args`` entry) and the
+numpy array pieces of a saved numpy RNG state (dino_fast checkpoints). Nothing
+else is unpickled. Every failure is one :class:`PretrainedError` line.
+
+The official, timm and dino_fast backbone key names coincide (``cls_token``,
+``pos_embed``, ``patch_embed.proj.*``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,
+norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``), so the exports are the backbone's own
+state dict, checked against that key set and copied to the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dino_fast.models import ARCHS, DinoViT, build_backbone
+
+__all__ = ["PretrainedError", "load_pretrained", "load_checkpoint_file", "infer_vit_config", "detect_layout",
+           "backbone_state_dict", "export_timm_state_dict", "export_official_backbone", "timm_model_name",
+           "save_timm_state_dict", "save_official_backbone"]
+
+log = logging.getLogger(__name__)
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+# Prefixes that wrappers add in front of the backbone keys: DDP, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Classifier weights of timm / DeiT models: not part of a DINO backbone.
+_CLASSIFIER_PREFIXES = ("head.", "head_dist.")
+
+
+class PretrainedError(ValueError):
+    """Weights that cannot be loaded; the message names the file and the problem on one line."""
+
+
+# --------------------------------------------------------------------------- reading files
+def _safe_globals() -> list[Any]:
+    """Globals torch.load may build besides tensors and containers: the official
+    checkpoint's ``args`` and the numpy RNG state (a uint32 array) of dino_fast
+    checkpoints."""
+    allowed: list[Any] = [argparse.Namespace]
+    try:
+        import numpy as np
+
+        try:
+            from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        except ImportError:  # pragma: no cover - numpy 1.x
+            from numpy.core.multiarray import _reconstruct
+        allowed += [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    except ImportError:  # pragma: no cover - numpy is a torch dependency in practice
+        pass
+    return allowed
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """Read a checkpoint / state-dict file safely (weights_only); PretrainedError on
+    a missing, truncated or corrupt file or one that pickles arbitrary objects."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise PretrainedError(f"{path}: file not found")
+    if not path.is_file():
+        raise PretrainedError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise PretrainedError(f"{path}: empty file (truncated download or interrupted save?)")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise PretrainedError(f"{path}: reading .safetensors needs the safetensors package") from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise PretrainedError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
+        if found:
+            raise PretrainedError(
+                f"{path}: refuses to unpickle {found.group(1)}: only tensors, plain containers, argparse.Namespace "
+                f"and numpy arrays are loaded (if this is a whole pickled model from a trusted source, load it "
+                f"yourself and pass its state_dict())") from None
+        raise PretrainedError(f"{path}: not a PyTorch checkpoint (a plain pickle or another format; "
+                              f"{_one_line(str(e).split('WeightsUnpickler error:')[-1], 80)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise PretrainedError(f"{path}: truncated or corrupt checkpoint file ({type(e).__name__}: "
+                              f"{_one_line(e, 120)})") from None
+
+
+# --------------------------------------------------------------------------- layouts
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def detect_layout(obj: Any) -> str:
+    """'dino_fast', 'official_training', 'state_dict' or 'unknown'."""
+    if not isinstance(obj, Mapping):
+        return "unknown"
+    if obj.get("format") == "dino_fast":
+        return "dino_fast"
+    if any(k in obj for k in ("student", "teacher")) and all(
+            isinstance(obj[k], Mapping) for k in ("student", "teacher") if k in obj):
+        return "official_training"
+    if _is_state_dict(obj):
+        return "state_dict"
+    return "unknown"
+
+
+def _select_state_dict(obj: Any, key: str, src: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The backbone-bearing state dict inside ``obj`` and a description of where it came from."""
+    if not isinstance(obj, Mapping):
+        raise PretrainedError(f"{src}: holds a {type(obj).__name__}, not a checkpoint or a state dict")
+    layout = detect_layout(obj)
+    if layout == "state_dict":
+        return dict(obj), "state dict"
+    if key in obj and isinstance(obj[key], Mapping):
+        what = {"dino_fast": "dino_fast checkpoint", "official_training": "official DINO training checkpoint"}.get(
+            layout, "checkpoint")
+        sd = obj[key]
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise PretrainedError(f"{src}: entry {key!r} is not a state dict (non-tensor values at {bad[:3]})")
+        return dict(sd), f"{what} [{key!r}]"
+    candidates = sorted(k for k, v in obj.items() if isinstance(k, str) and _is_state_dict(v)
+                        and any(name.endswith("patch_embed.proj.weight") for name in v))
+    if layout in ("dino_fast", "official_training") or candidates:
+        raise PretrainedError(f"{src}: unknown key={key!r}; state dicts in this checkpoint: {candidates}")
+    sample = sorted(map(str, obj))[:6]
+    raise PretrainedError(f"{src}: not a checkpoint: no model state dict found (a dict with entries {sample})")
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def _backbone_keys(sd: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes, keep the ``backbone.`` part of a MultiCropWrapper state
+    dict (dropping the DINO head), drop a timm classifier, with a note each time."""
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = _strip_prefix(sd, prefix)
+    if any(k.startswith("backbone.") for k in sd):
+        dropped = sorted({k.split(".")[0] for k in sd if not k.startswith("backbone.")})
+        if dropped:
+            log.info("%s: using backbone.* weights, ignoring %s (projection head)", src, dropped)
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    classifier = sorted(k for k in sd if k.startswith(_CLASSIFIER_PREFIXES))
+    if classifier:
+        log.info("%s: dropping classifier weights %s (the backbone outputs CLS features)", src, classifier)
+        sd = {k: v for k, v in sd.items() if k not in classifier}
+    return sd
+
+
+# --------------------------------------------------------------------------- architecture
+def infer_vit_config(sd: Mapping[str, torch.Tensor], src: str = "state dict") -> dict[str, Any]:
+    """``{"arch", "patch_size", "depth", "img_size", "mlp_ratio", "embed_dim"}`` read off
+    the tensors: embed dim -> arch, block count -> depth, patch-embed kernel -> patch,
+    pos-embed length -> the image size its grid was trained at."""
+    needed = ("patch_embed.proj.weight", "pos_embed", "cls_token")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        sample = sorted(sd)[:5]
+        raise PretrainedError(f"{src}: not a ViT backbone state dict (missing {missing}; keys start with {sample})")
+    w = sd["patch_embed.proj.weight"]
+    if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
+        raise PretrainedError(f"{src}: patch_embed.proj.weight has shape {tuple(w.shape)}, expected (D, 3, p, p)")
+    dim, patch = int(w.shape[0]), int(w.shape[-1])
+    by_dim = {cfg["embed_dim"]: name for name, cfg in ARCHS.items()}
+    if dim not in by_dim:
+        known = ", ".join(f"{n} {c['embed_dim']}" for n, c in ARCHS.items())
+        raise PretrainedError(f"{src}: embed dim {dim} matches no known arch ({known})")
+    n_pos = int(sd["pos_embed"].shape[1]) - 1
+    grid = math.isqrt(max(n_pos, 0))
+    if sd["pos_embed"].ndim != 3 or grid * grid != n_pos or n_pos == 0:
+        raise PretrainedError(f"{src}: pos_embed has shape {tuple(sd['pos_embed'].shape)}, expected (1, 1 + g*g, D)")
+    blocks = {int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))}
+    if not blocks:
+        raise PretrainedError(f"{src}: no transformer blocks (blocks.*) in the state dict")
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
+    return {"arch": by_dim[dim], "patch_size": patch, "depth": max(blocks) + 1, "img_size": grid * patch,
+            "mlp_ratio": mlp_ratio, "embed_dim": dim}
+
+
+def _list(names: list[str], limit: int = 5) -> str:
+    return f"{names[:limit]}" + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], src: str, desc: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
+                    for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys {_list(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys {_list(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (checkpoint vs model) {_list(shapes, 3)}")
+    if problems:
+        raise PretrainedError(f"{src}: weights do not fit {desc}: " + "; ".join(problems))
+
+
+def load_pretrained(path_or_state_dict: str | os.PathLike | Mapping[str, Any], key: str = "teacher",
+                    arch: str | None = None, patch_size: int | None = None, attn_backend: str = "auto",
+                    depth: int | None = None) -> DinoViT:
+    """A :class:`DinoViT` backbone in eval mode holding the given weights; its forward
+    gives the (B, D) CLS features of the official ViT.
+
+    ``path_or_state_dict``: a file (``.pth``/``.pt``/``.safetensors``) or an already
+    loaded object, in any layout of the module docstring. ``key`` picks the model
+    of a training checkpoint ("teacher" or "student"; ignored for a plain state
+    dict). ``arch``/``patch_size`` are inferred from the tensors unless given; when
+    ``arch`` is given the model has that arch's depth unless ``depth`` is given,
+    otherwise the depth is the checkpoint's block count. Raises
+    :class:`PretrainedError` with one line naming the problem."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        src = str(path_or_state_dict)
+        obj = load_checkpoint_file(path_or_state_dict)
+    elif isinstance(path_or_state_dict, Mapping):
+        src, obj = "<state dict>", path_or_state_dict
+    else:
+        raise TypeError(f"load_pretrained: expected a path or a state dict, got {type(path_or_state_dict).__name__}")
+    sd, desc = _select_state_dict(obj, key, src)
+    sd = _backbone_keys(sd, src)
+    if arch is not None and arch not in ARCHS:
+        raise PretrainedError(f"{src}: unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    found = infer_vit_config(sd, src)
+    if depth is None:
+        # A named arch means its standard model (missing blocks are reported);
+        # without one, the checkpoint's own block count (small test/distilled models).
+        depth = ARCHS[arch]["depth"] if arch is not None else found["depth"]
+    arch = arch or found["arch"]
+    patch_size = patch_size or found["patch_size"]
+    kw: dict[str, Any] = {"depth": depth}
+    if not math.isclose(found["mlp_ratio"], 4.0):
+        kw["mlp_ratio"] = found["mlp_ratio"]
+    what = f"{arch}/{patch_size} (depth {depth}, {found['img_size']} px pos-embed)"
+    build = partial(build_backbone, arch, patch_size, attn_backend=attn_backend, img_size=found["img_size"], **kw)
+    try:
+        # On the meta device first: checking keys costs no allocation and no random
+        # init (seconds for a ViT-B on CPU); the checkpoint tensors then become the weights.
+        with torch.device("meta"):
+            model = build()
+    except ValueError as e:
+        raise PretrainedError(f"{src}: cannot build {what}: {_one_line(e)}") from None
+    _check_keys(model, sd, src, what)
+    saved = set(model.state_dict())
+    if all(n in saved for n, _ in (*model.named_parameters(), *model.named_buffers())):
+        # fp32 weights whatever the file holds; copies, so the caller's dict is never aliased
+        sd = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone() for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+    else:  # non-persistent buffers would stay on meta: build for real
+        model = build()
+        model.load_state_dict(sd, strict=True)
+    log.info("loaded %s from %s as %s", desc, src, what)
+    return model.eval()
+
+
+
+# --------------------------------------------------------------------------- export
+def _is_backbone_key(k: str) -> bool:
+    return k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                 "norm.bias") or bool(re.match(
+                     r"^blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$", k))
+
+
+def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The ViT backbone's weights under the shared official/timm key names, detached
+    CPU copies. Accepts the backbone or a module holding it as ``.backbone``
+    (MultiCropWrapper); ``module.``/``_orig_mod.`` prefixes (DDP, compile) are stripped."""
+    inner = getattr(backbone, "module", backbone)
+    inner = getattr(inner, "_orig_mod", inner)
+    inner = getattr(inner, "backbone", inner)
+    if not isinstance(inner, nn.Module):
+        raise TypeError(f"expected a ViT backbone nn.Module, got {type(backbone).__name__}")
+    sd = inner.state_dict()
+    for prefix in _WRAPPER_PREFIXES:
+        sd = _strip_prefix(sd, prefix)
+    extra = sorted(k for k in sd if not _is_backbone_key(k))
+    if extra or "pos_embed" not in sd:
+        raise ValueError(f"{type(inner).__name__} is not a plain DINO ViT backbone: keys outside the official "
+                         f"layout {_list(extra)}" + ("" if "pos_embed" in sd else " and no pos_embed"))
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+
+
+def export_timm_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict that ``timm.create_model(timm_model_name(backbone), num_classes=0)``
+    loads strictly (pass ``depth=`` too for non-standard depths)."""
+    return backbone_state_dict(backbone)
+
+
+def export_official_backbone(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict in the layout of the official released DINO backbone weights
+    (``dino_deitsmall16_pretrain.pth``), loadable by the official ``vit_small`` etc."""
+    return backbone_state_dict(backbone)
+
+
+def timm_model_name(backbone: nn.Module) -> str:
+    """timm's model name for this backbone, e.g. ``vit_small_patch16_224``."""
+    cfg = infer_vit_config(backbone_state_dict(backbone), type(backbone).__name__)
+    return f"{cfg['arch']}_patch{cfg['patch_size']}_{cfg['img_size']}"
+
+
+def _atomic_save(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """``.safetensors`` via safetensors, anything else via torch.save; written to a
+    temp file beside ``path`` then renamed over it, so a crash leaves no torn file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        try:
+            save_file(sd, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+    from dino_fast.checkpoint import atomic_torch_save
+
+    return atomic_torch_save(sd, path)
+
+
+def save_timm_state_dict(backbone: nn.Module, path: str | os.PathLike) -> Path:
+    """Write :func:`export_timm_state_dict` to ``path`` atomically (.safetensors or torch.save)."""
+    return _atomic_save(export_timm_state_dict(backbone), path)
+
+
+def save_official_backbone(backbone: nn.Module, path: str | os.PathLike) -> Path:
+    """Write :func:`export_official_backbone` to ``path`` atomically (.safetensors or torch.save)."""
+    return _atomic_save(export_official_backbone(backbone), path)

@@ -1,0 +1,208 @@
+"""Linear probe (official recipe) and frozen-feature extraction with its cache."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dino_fast.eval.features import backbone_features, eval_transform, extract_features
+from dino_fast.eval.linear import (LinearClassifier, accuracy, load_linear_classifier, main, run_linear_probe)
+from dino_fast.models import build_backbone
+from tests.helpers import assert_close
+
+
+def separable(seed: int, n_per_class: int, classes: int, dim: int):
+    """Gaussian blobs around well-separated random class means: linearly separable."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, dim, generator=g) * 3.0
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    feats = means[labels] + 0.3 * torch.randn(len(labels), dim, generator=g)
+    perm = torch.randperm(len(labels), generator=g)
+    return feats[perm], labels[perm]
+
+
+def write_image_folder(root, classes: int = 2, per_class: int = 3, seed: int = 0, size=(40, 34)) -> None:
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / f"class{c}" / f"img{i}.png")
+
+
+# ----------------------------------------------------------------------------- probe
+@pytest.mark.parametrize("classes,dim", [(10, 64), (3, 37)])
+def test_probe_separable_features_reach_full_accuracy(tmp_path, classes, dim):
+    tr_x, tr_y = separable(classes, 40, classes, dim)
+    va_x, va_y = separable(classes, 10, classes, dim)  # same seed: same class means
+    res = run_linear_probe(tr_x, tr_y, va_x, va_y, epochs=10, lr=0.5, batch_size=64, seed=0,
+                           output_path=tmp_path / "probe" / "linear.pth")
+    assert res["top1"] >= 99.0 and res["best_top1"] >= res["top1"], res
+    assert res["top5"] == 100.0
+    # the saved layer reproduces the trained classifier exactly
+    clf = load_linear_classifier(res["checkpoint"])
+    with torch.no_grad():
+        assert_close(clf(va_x), res["classifier"].cpu()(va_x), name="reloaded linear layer")
+    assert [p.name for p in (tmp_path / "probe").iterdir()] == ["linear.pth"]  # atomic: no temp left
+
+
+def test_probe_schedule_is_official():
+    """lr = base * batch / 256, cosine over epochs (per-epoch steps), SGD momentum .9."""
+    x, y = separable(1, 8, 4, 16)
+    epochs, lr, bs = 5, 1e-3, 32
+    res = run_linear_probe(x, y, x, y, epochs=epochs, lr=lr, batch_size=bs)
+    peak = lr * bs / 256
+    assert math.isclose(res["lr"], peak)
+    for e, rec in enumerate(res["history"]):
+        expected = peak * 0.5 * (1 + math.cos(math.pi * e / epochs))
+        assert math.isclose(rec["lr"], expected, rel_tol=1e-9, abs_tol=1e-15), (e, rec["lr"], expected)
+
+
+def test_linear_classifier_init():
+    torch.manual_seed(0)
+    clf = LinearClassifier(384 * 4, 1000)
+    w = clf.linear.weight
+    assert abs(w.std().item() - 0.01) < 5e-4 and abs(w.mean().item()) < 5e-4
+    assert torch.count_nonzero(clf.linear.bias) == 0
+
+
+@pytest.mark.parametrize("classes", [3, 7, 1000])
+def test_accuracy_matches_definition(classes):
+    g = torch.Generator().manual_seed(classes)
+    logits = torch.randn(50, classes, generator=g)
+    target = torch.randint(0, classes, (50,), generator=g)
+    c1, c5 = accuracy(logits, target, (1, 5))
+    order = logits.argsort(dim=1, descending=True).tolist()
+    ref1 = sum(int(t == o[0]) for t, o in zip(target.tolist(), order))
+    ref5 = sum(int(t in o[:5]) for t, o in zip(target.tolist(), order))
+    assert (int(c1), int(c5)) == (ref1, ref5)
+
+
+def test_probe_bad_input():
+    x, y = separable(2, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"features must be \(N, F\)"):
+        run_linear_probe(x[0], y, x, y, epochs=1)
+    with pytest.raises(ValueError, match="labels must be"):
+        run_linear_probe(x, y[:3], x, y, epochs=1)
+    with pytest.raises(TypeError, match="integer class indices"):
+        run_linear_probe(x, y.float(), x, y, epochs=1)
+    with pytest.raises(ValueError, match="channels"):
+        run_linear_probe(x, y, x[:, :4], y, epochs=1)
+    with pytest.raises(ValueError, match="num_classes=1"):
+        run_linear_probe(x, y, x, y, epochs=1, num_classes=1)
+
+
+# ----------------------------------------------------------------------------- features
+@pytest.fixture(scope="module")
+def tiny_vit():
+    torch.manual_seed(0)
+    return build_backbone("vit_tiny", 16, depth=2, img_size=32).eval()
+
+
+def test_backbone_features_official_layouts(tiny_vit):
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layers = tiny_vit.get_intermediate_layers(x, 2)
+        assert_close(backbone_features(tiny_vit, x), tiny_vit(x), name="CLS")
+        assert_close(backbone_features(tiny_vit, x, n_last_blocks=2),
+                     torch.cat([layers[0][:, 0], layers[1][:, 0]], dim=-1), name="n_last_blocks=2")
+        # official eval_linear.py, n_last_blocks=1 + avgpool_patchtokens (interleaved order)
+        out = layers[-1][:, 0]
+        official = torch.cat((out.unsqueeze(-1), layers[-1][:, 1:].mean(dim=1).unsqueeze(-1)), dim=-1)
+        assert_close(backbone_features(tiny_vit, x, n_last_blocks=1, avgpool=True),
+                     official.reshape(official.shape[0], -1), name="avgpool n=1")
+    with pytest.raises(ValueError, match="n_last_blocks"):
+        backbone_features(tiny_vit, x, n_last_blocks=0)
+
+
+def test_eval_transform():
+    img = Image.fromarray(np.zeros((30, 50, 3), dtype=np.uint8))
+    assert tuple(eval_transform(36, 32)(img).shape) == (3, 32, 32)
+    with pytest.raises(ValueError, match="crop"):
+        eval_transform(24, 32)
+
+
+def test_extract_features_and_cache(tmp_path, tiny_vit):
+    from dino_fast.data.folder import ImageFolderDataset
+    from torch.utils.data import DataLoader
+
+    write_image_folder(tmp_path / "data", classes=2, per_class=3)
+    ds = ImageFolderDataset(tmp_path / "data", transform=eval_transform(36, 32))
+    loader = DataLoader(ds, batch_size=4, shuffle=False)
+    calls = []
+    hook = tiny_vit.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cache = tmp_path / "cache" / "feats.pt"
+        f, y = extract_features(tiny_vit, loader, "cpu", n_last_blocks=2, cache_path=cache, progress=False)
+        assert calls and cache.is_file()
+        with torch.no_grad():
+            ref = backbone_features(tiny_vit, torch.stack([ds[i][0] for i in range(len(ds))]), n_last_blocks=2)
+        assert_close(f, ref, name="extracted features", rtol=1e-5, atol=1e-5)
+        assert y.tolist() == [lbl for _, lbl in ds.samples] == [0, 0, 0, 1, 1, 1]
+
+        calls.clear()  # same model, data, transform, options: reused without a forward
+        f2, y2 = extract_features(tiny_vit, loader, "cpu", n_last_blocks=2, cache_path=cache, progress=False)
+        assert not calls and torch.equal(f2, f) and torch.equal(y2, y)
+
+        extract_features(tiny_vit, loader, "cpu", n_last_blocks=1, cache_path=cache, progress=False)
+        assert calls, "changed options must invalidate the cache"
+        calls.clear()
+        ds.transform = eval_transform(40, 32)
+        extract_features(tiny_vit, loader, "cpu", n_last_blocks=1, cache_path=cache, progress=False)
+        assert calls, "a changed transform must invalidate the cache"
+        calls.clear()
+        with torch.no_grad():
+            tiny_vit.norm.bias.add_(1.0)
+        try:
+            f3, _ = extract_features(tiny_vit, loader, "cpu", n_last_blocks=1, cache_path=cache, progress=False)
+        finally:
+            with torch.no_grad():
+                tiny_vit.norm.bias.sub_(1.0)
+        assert calls and not torch.allclose(f3[:, :192], f[:, 192:]), "changed weights must invalidate the cache"
+        calls.clear()
+        cache.write_bytes(b"garbage")  # a corrupt cache is recomputed, not fatal
+        extract_features(tiny_vit, loader, "cpu", n_last_blocks=1, cache_path=cache, progress=False)
+        assert calls
+    finally:
+        hook.remove()
+
+
+def test_extract_features_on_device(tmp_path, tiny_vit, device):
+    """Default dtype: bf16 autocast on CUDA (bf16 tolerance), fp32 on CPU."""
+    import copy
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 1, 0])
+    model = copy.deepcopy(tiny_vit).to(device)
+    f, labels = extract_features(model, DataLoader(TensorDataset(x, y), batch_size=2), device, n_last_blocks=2,
+                                 progress=False)
+    assert f.dtype == torch.float32 and f.device.type == "cpu" and torch.equal(labels, y)
+    with torch.no_grad():
+        ref = backbone_features(tiny_vit, x, n_last_blocks=2)
+    tol = dict(rtol=1e-5, atol=1e-5) if device.type == "cpu" else dict(rtol=5e-2, atol=5e-2)
+    assert_close(f, ref, name=f"features on {device.type}", **tol)
+
+
+# ----------------------------------------------------------------------------- CLI entry
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_main_end_to_end(tmp_path, mode):
+    from dino_fast.pretrained import save_official_backbone
+
+    torch.manual_seed(0)
+    weights = save_official_backbone(build_backbone("vit_tiny", 16, depth=1), tmp_path / "w.pth")
+    for split, seed in (("train", 1), ("val", 2)):
+        write_image_folder(tmp_path / "data" / split, classes=2, per_class=2, seed=seed)
+    out = tmp_path / "out"
+    rc = main(["--pretrained_weights", str(weights), "--data_path", str(tmp_path / "data"), "--epochs", "2",
+               "--batch_size", "4", "--num_workers", "0", "--resize", "36", "--crop", "32", "--device", "cpu",
+               "--n_last_blocks", "1", "--mode", mode, "--output_dir", str(out)])
+    assert rc == 0
+    clf = load_linear_classifier(out / "linear.pth")
+    assert (clf.linear.in_features, clf.num_labels) == (192, 2)
+    if mode == "cached":
+        assert (out / "features_train.pt").is_file() and (out / "features_val.pt").is_file()
