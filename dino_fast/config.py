@@ -124,6 +124,10 @@ class TrainConfig:
     """'' (fresh), 'auto' (newest checkpoint in output_dir) or a checkpoint path."""
     compile: bool = False
     """torch.compile the backbone blocks."""
+    fsdp: bool = False
+    """Shard student and teacher with FSDP2 even on one process (always on under torchrun with > 1 rank)."""
+    activation_checkpointing: bool = False
+    """Recompute the student's block activations in backward (less memory, about one more forward of compute)."""
     progress: bool = True
     """Show a tqdm progress bar."""
 

@@ -248,7 +248,14 @@ def load_pretrained(path_or_state_dict: str | os.PathLike | Mapping[str, Any], k
     :class:`PretrainedError` with one line naming the problem."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         src = str(path_or_state_dict)
-        obj = load_checkpoint_file(path_or_state_dict)
+        if Path(path_or_state_dict).is_dir():  # a sharded (FSDP2 / DCP) training checkpoint
+            from dino_fast.dist_checkpoint import consolidate, is_dcp_checkpoint
+
+            if not is_dcp_checkpoint(path_or_state_dict):
+                raise PretrainedError(f"{src} is a folder but not a dino_fast sharded checkpoint")
+            obj = consolidate(path_or_state_dict)
+        else:
+            obj = load_checkpoint_file(path_or_state_dict)
     elif isinstance(path_or_state_dict, Mapping):
         src, obj = "<state dict>", path_or_state_dict
     else:

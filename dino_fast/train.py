@@ -1,5 +1,10 @@
 """The DINO trainer: one process per device (``python`` or ``torchrun``), bf16 on CUDA, fp32 on CPU.
 
+Under torchrun (or with ``fsdp: true`` on one process) student and teacher are sharded with
+FSDP2 (:mod:`dino_fast.parallel`); the global batch is ``batch_size_per_gpu`` x world size,
+metrics are averaged over ranks at log time and written by rank 0, and checkpoints are sharded
+DCP directories (:mod:`dino_fast.dist_checkpoint`) instead of single files.
+
 Data flows one way: loader -> views -> teacher (2 globals) and student (all views) ->
 DINO loss (center updated inside) -> backward -> clip -> AdamW -> teacher EMA -> log/checkpoint.
 
@@ -23,14 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from dino_fast import dist_checkpoint
 from dino_fast.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, checkpoint_path, latest_checkpoint, \
-    prune_checkpoints
+    prune_checkpoints, rng_state, set_rng_state
 from dino_fast.config import ConfigError, TrainConfig
-from dino_fast.distributed import get_rank, get_world_size, init_distributed, is_main_process
+from dino_fast.distributed import get_rank, get_world_size, init_distributed, is_distributed, is_main_process
 from dino_fast.ema import TeacherEMA
 from dino_fast.loss import DINOLoss
 from dino_fast.models import DINOHead, MultiCropWrapper, build_backbone
 from dino_fast.optim import build_optimizer, cancel_last_layer_gradients_, clip_gradients_, set_schedule_
+from dino_fast.parallel import all_reduce_max, check_config_agrees, init_single_process_group, parallelize
 from dino_fast.schedules import Schedules
 
 __all__ = ["Trainer", "NonFiniteLossError", "build_models", "train"]
@@ -114,16 +121,9 @@ class _TrainData:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[torch.Tensor]]:
         """Batches of epoch ``epoch`` from ``start_batch`` on, as lists of view tensors on the device."""
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch, start_batch)
-            skip = 0
-        else:
-            if hasattr(self.loader, "set_epoch"):
-                self.loader.set_epoch(epoch)
-            skip = start_batch  # DALI: replay the epoch's order up to the resume point
-        for i, (views, _labels) in enumerate(self.loader):
-            if i < skip:
-                continue
+        # Both start at start_batch without loading the batches before it.
+        (self.sampler or self.loader).set_epoch(epoch, start_batch)
+        for views, _labels in self.loader:
             yield [v.to(self.device, non_blocking=True) for v in views]
 
 
@@ -134,13 +134,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device | None = None) -> None:
         self.cfg = cfg
         self.device = device or init_distributed()
+        if cfg.fsdp and not is_distributed():
+            init_single_process_group(self.device)
         self.rank, self.world = get_rank(), get_world_size()
         self.main = is_main_process()
+        check_config_agrees(cfg)
         self.out = Path(cfg.output_dir)
         _seed_everything(cfg.seed)
         self.data = _TrainData(cfg, self.device, self.rank, self.world)
         self.niter = self.data.num_batches
         self.student, self.teacher = build_models(cfg, self.device)
+        # Same seed on every rank -> same initial weights: sharding needs no broadcast.
+        self.sharded = parallelize(self.student, self.teacher, cfg, self.device)
         self.ema = TeacherEMA(self.student, self.teacher, impl=cfg.ema_impl)
         self.optimizer = build_optimizer(self.student, cfg.optimizer)
         self.step = 0
@@ -154,9 +159,11 @@ class Trainer:
     def _build_schedules(self) -> None:
         cfg = self.cfg
         total = cfg.epochs * self.niter
+        if cfg.time_budget_min > 0 and cfg.max_steps:
+            total = cfg.max_steps  # sized to the budget: the cosine ends when the budget does
         batch = cfg.batch_size_per_gpu * self.world
         self.sched = Schedules(cfg.lr * batch / 256.0, cfg.min_lr, cfg.weight_decay, cfg.weight_decay_end,
-                               cfg.momentum_teacher, total, min(cfg.warmup_epochs, cfg.epochs) * self.niter)
+                               cfg.momentum_teacher, total, min(cfg.warmup_epochs * self.niter, total))
         center = self.loss_fn.center.clone() if hasattr(self, "loss_fn") else None
         self.loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.local_crops_number, cfg.warmup_teacher_temp, cfg.teacher_temp,
                                 min(cfg.warmup_teacher_temp_epochs, cfg.epochs), cfg.epochs,
@@ -203,9 +210,21 @@ class Trainer:
         self.step += 1
         return loss
 
-    def _check_finite(self) -> None:
-        """The one place a non-finite loss is noticed (a host sync, only every log_every steps)."""
-        if bool(self._nonfinite):
+    def _reduced_stats(self) -> tuple[float, bool]:
+        """(loss sum since the last log averaged over ranks, any rank non-finite): one all-reduce
+        and one host sync, at log/checkpoint time only."""
+        stats = torch.stack([self._loss_sum, self._nonfinite.float()])
+        if is_distributed():
+            torch.distributed.all_reduce(stats)
+        loss_sum, nonfinite = stats.tolist()
+        return loss_sum / self.world, nonfinite > 0
+
+    def _check_finite(self, nonfinite: bool | None = None) -> None:
+        """The one place a non-finite loss is noticed (a host sync, only every log_every steps);
+        collective: every rank raises when any rank saw one."""
+        if nonfinite is None:
+            nonfinite = self._reduced_stats()[1]
+        if nonfinite:
             last = f"; the last good checkpoint is {self._last_ckpt}" if self._last_ckpt else ""
             raise NonFiniteLossError(
                 f"loss is NaN/Inf (between step {self._last_log_step + 1} and step {self.step}): training stopped, "
@@ -240,17 +259,20 @@ class Trainer:
                         calibrate = False
                     done = self.step >= self.total_steps
                     if self.step % cfg.log_every == 0 or done:
-                        self._check_finite()
-                        last_loss = self._loss_sum.item() / max(1, self.step - self._last_log_step)
+                        loss_sum, nonfinite = self._reduced_stats()
+                        self._check_finite(nonfinite)
+                        last_loss = loss_sum / max(1, self.step - self._last_log_step)
                         self._loss_sum.zero_()
                         img_s = n_log / max(now - t_log, 1e-9)
                         lr, wd, momentum = self.sched.at(self.step - 1)
                         row = dict(step=self.step, epoch=self.epoch, loss=last_loss, lr=lr, wd=wd, momentum=momentum,
                                    teacher_temp=self.loss_fn.teacher_temp_at(self.epoch),
                                    img_per_s=img_s, train_min=train_s / 60)
-                        if cfg.knn_every_min and cfg.val_path and (train_s - last_knn_s) >= 60 * cfg.knn_every_min:
-                            row.update(self._knn_row())
-                            last_knn_s = train_s
+                        if cfg.knn_every_min and cfg.val_path:
+                            run_s = all_reduce_max(train_s, self.device)  # ranks must agree (FSDP forwards)
+                            if run_s - last_knn_s >= 60 * cfg.knn_every_min:
+                                row.update(self._knn_row())
+                                last_knn_s = run_s
                         writer.write(row)
                         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{img_s:.1f}")
                         self._last_log_step = self.step
@@ -270,9 +292,9 @@ class Trainer:
     def _fit_to_budget(self, elapsed_s: float) -> None:
         """After timing the first steps, size epochs (and so every schedule) to the time budget."""
         cfg = self.cfg
-        per_step = elapsed_s / self.step
+        per_step = all_reduce_max(elapsed_s, self.device) / self.step  # every rank sizes the same run
         steps = max(self.step + 1, int(cfg.time_budget_min * 60 / per_step))
-        epochs = max(1, steps // self.niter)
+        epochs = -(-steps // self.niter)  # ceil: the last epoch may be partial
         scale = epochs / cfg.epochs
         changes = dict(epochs=epochs, max_steps=steps,
                        warmup_epochs=min(epochs, int(round(cfg.warmup_epochs * scale))),
@@ -303,26 +325,38 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "config": self.cfg.to_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = TrainConfig.from_dict(state["config"], source="checkpoint")
+    def restore_config(self, saved_config: dict[str, Any]) -> None:
+        """Adopt what a checkpoint's config fixes for the rest of the run, then rebuild the schedules."""
+        saved = TrainConfig.from_dict(saved_config, source="checkpoint")
         if saved.time_budget_min > 0:
             # A time-budget run sized its schedules after timing its first steps: keep those sizes.
             sized = ("epochs", "max_steps", "warmup_epochs", "warmup_teacher_temp_epochs")
             self.cfg = self.cfg.replace(**{name: getattr(saved, name) for name in sized})
         self._build_schedules()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a single-file (unsharded) checkpoint dict, as written by :meth:`state_dict`."""
+        if self.sharded:
+            dist_checkpoint.load_full_into_sharded(self, state)
+            return
+        self.restore_config(state["config"])
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loss_fn.load_state_dict(state["dino_loss"])
         self.step = int(state["step"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def save(self) -> Path | None:
-        """Check the loss is finite, then write a checkpoint atomically (rank 0) and keep the newest two."""
+        """Check the loss is finite, then write a checkpoint atomically and keep the newest two:
+        a sharded DCP directory (all ranks) when sharded, else one file."""
         self._check_finite()
+        if self.sharded:
+            self._last_ckpt = dist_checkpoint.save_sharded(self, keep=2)
+            return self._last_ckpt
         if not self.main:
             return None
         path = atomic_torch_save(self.state_dict(), checkpoint_path(self.out, self.step))
@@ -335,6 +369,11 @@ class Trainer:
         path = latest_checkpoint(self.out) if which == "auto" else Path(which)
         if path is None:
             log.info("resume=auto: no checkpoint in %s, starting fresh", self.out)
+            return
+        if path.is_dir():
+            dist_checkpoint.load_sharded(self, path)
+            self._last_ckpt = path
+            log.info("resumed from %s at step %d", path, self.step)
             return
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -353,21 +392,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class _MetricsWriter:

@@ -120,3 +120,25 @@ def test_corrupt_image_is_skipped_and_training_goes_on(demo_root, tmp_path):
         summary = trainer.fit()
     assert summary["steps"] == 5
     assert trainer.data.dataset.num_corrupt >= 1
+
+
+def test_time_budget_sizes_the_schedules(demo_root, tmp_path):
+    # A budget of ~6 steps' worth: after the calibration steps, epochs and schedules are resized.
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path, epochs=50, warmup_epochs=10, time_budget_min=0.2))
+    summary = trainer.fit()
+    cfg = trainer.cfg
+    assert cfg.max_steps == summary["steps"] >= 6 and cfg.epochs < 50
+    assert cfg.warmup_epochs == min(cfg.epochs, round(10 * cfg.epochs / 50))
+    assert trainer.sched.total_steps == cfg.max_steps and trainer.sched.at(cfg.max_steps - 1)[0] == cfg.min_lr
+    saved = torch.load(summary["checkpoint"], weights_only=False)["config"]
+    assert saved["max_steps"] == cfg.max_steps and saved["epochs"] == cfg.epochs
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    """The README's main job, shortened: demo data, k-NN of the random teacher, training, k-NN again."""
+    rc = main(["demo", "--data_root", str(tmp_path / "demo"), "--output_dir", str(tmp_path / "out"),
+               "--depth", "1", "--max_steps", "2", "--num_workers", "0", "--progress", "false"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| random init |" in out and "| DINO-trained teacher |" in out and "2 steps" in out
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint-00000002.pth").is_file()

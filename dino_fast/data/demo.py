@@ -1,9 +1,10 @@
 """A built-in labeled demo dataset: 10 classes of shapes and textures as JPEGs.
 
 Each class is a shape (circle, square, triangle, star, cross, ring) or a texture
-(horizontal stripes, vertical stripes, checkerboard, dots). Colours (foreground
-and background), position, scale, rotation, stripe period and phase are random
-per image, so colour is no shortcut: the class is the geometry. Mild Gaussian
+(horizontal stripes, vertical stripes, checkerboard, dots); shapes appear 2-4 times. Colours
+are smooth random fields that change across the image (background = complement of the
+foreground), and position, scale, rotation, stripe period and phase are random, so colour is no
+shortcut: the class is the geometry. Mild Gaussian
 noise is added and the images are written as JPEGs, so the real decode path runs.
 
 Layout: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``, readable by
@@ -28,7 +29,7 @@ from dino_fast.data.folder import DataError
 __all__ = ["DEMO_CLASSES", "make_demo_dataset", "demo_cache_dir"]
 
 # Bump when the generator changes, so cached copies are not reused.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 3
 _OWNER = ".dino_fast_demo"  # written first: this folder is ours to rewrite
 _COMPLETE = ".complete"  # written last: generation finished
 _SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges
@@ -54,7 +55,7 @@ def _polygon_mask(s: int, points: np.ndarray) -> np.ndarray:
 
 def _place(rng: np.random.Generator, s: int) -> tuple[float, float, float, float]:
     """Random centre, radius (scale) and rotation of an object that stays inside the image."""
-    r = rng.uniform(0.22, 0.42) * s
+    r = rng.uniform(0.13, 0.24) * s
     cx, cy = rng.uniform(r, s - r, size=2)
     return cx, cy, r, rng.uniform(0.0, 2.0 * math.pi)
 
@@ -136,6 +137,7 @@ def _dots(rng, s):
     return (fu * fu + fv * fv <= rng.uniform(0.2, 0.3) ** 2).astype(np.float32)
 
 
+_TEXTURES = ("checkerboard", "dots", "horizontal_stripes", "vertical_stripes")
 _DRAW: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "checkerboard": _checkerboard, "circle": _circle, "cross": _cross, "dots": _dots,
     "horizontal_stripes": _horizontal_stripes, "ring": _ring, "square": _square, "star": _star,
@@ -143,20 +145,34 @@ _DRAW: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
 }
 
 
-def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random foreground / background RGB far enough apart that the shape is visible."""
-    while True:
-        fg, bg = rng.uniform(0, 255, size=(2, 3))
-        if np.linalg.norm(fg - bg) > 120:
-            return fg.astype(np.float32), bg.astype(np.float32)
+def _colour_field(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth random colour field (size, size, 3) in [0, 255]: a 3 x 3 grid of random colours,
+    bicubically upsampled, so different crops of one image see different colours."""
+    # each grid value dark or light, never mid-grey, so the complement (the background) contrasts
+    values = np.where(rng.random((3, 3, 3)) < 0.5, rng.uniform(0, 90, (3, 3, 3)), rng.uniform(165, 255, (3, 3, 3)))
+    grid = Image.fromarray(values.astype(np.uint8), mode="RGB")
+    return np.asarray(grid.resize((size, size), Image.BICUBIC), dtype=np.float32)
 
 
 def render_demo_image(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB ``size`` x ``size`` image of class ``cls`` drawn with ``rng``."""
+    """One RGB ``size`` x ``size`` image of class ``cls`` drawn with ``rng``.
+
+    Shapes appear 2-4 times, textures fill the image. Foreground and background colours are smooth
+    random fields, the background the complement of the foreground (so the geometry stays visible). Why not one colour per image: two crops of one image
+    would then share their colours, and matching colours is the easiest way to agree across views --
+    a self-supervised model learns colour, which says nothing of the class here. With colours that
+    change across the image, what crops of one image share is the geometry: the class."""
     s = size * _SUPERSAMPLE
-    mask = _DRAW[cls](rng, s)
+    draw = _DRAW[cls]
+    if cls in _TEXTURES:
+        mask = draw(rng, s)
+    else:
+        mask = np.zeros((s, s), dtype=np.float32)
+        for _ in range(int(rng.integers(2, 5))):
+            mask = np.maximum(mask, draw(rng, s))
     alpha = mask.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]  # (size, size, 1)
-    fg, bg = _colours(rng)
+    fg = _colour_field(rng, size)
+    bg = 255.0 - fg
     img = alpha * fg + (1.0 - alpha) * bg + rng.normal(0.0, _NOISE_STD, size=(size, size, 3))
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
 

@@ -1,0 +1,297 @@
+"""End-to-end DINO training throughput: images/s, MFU and a per-phase breakdown of the step.
+
+Runs the real ``Trainer.train_step`` (teacher forward, student forward, loss + center, backward,
+clip, AdamW, teacher EMA) on one process, for two input modes:
+
+  synthetic  views already on the GPU (bf16 on CUDA, like DALI's output): isolates the model
+  loader     the trainer's own loader (DALI on CUDA when installed, else torchvision) over
+             --data, or over the generated demo dataset (64-px JPEGs: far cheaper to decode
+             than ImageNet's, so loader figures on demo data are an upper bound)
+
+and these paths (config fields in brackets):
+
+  reference    eager torch loss [loss_impl=torch], foreach EMA [ema_impl=foreach], sdpa attention
+               (timm's default kernel) one backbone pass per resolution [packed_multicrop=false]
+  fast         fused Triton loss, Triton EMA, xformers attention (sdpa if xformers cannot run),
+               all crops packed into one backbone pass
+  fast+compile fast with torch.compile of the blocks [compile=true]
+
+all in bf16 autocast on CUDA (fp32 on CPU). ``--fsdp`` runs every path through the FSDP2 code
+path on this one process (world size 1).
+
+Breakdown (ms per step, CUDA events, or wall clock on CPU): data (GPU idle waiting for the next
+batch), forward (teacher + student), loss (incl. center update), backward, optimizer (per-param
+clip + AdamW), ema, other (schedules, bookkeeping). Measured in a separate pass from img/s so
+the instrumentation (module hooks) cannot slow the throughput figure.
+
+FLOPs per step (multiply-add = 2; bench/bench_model.py formula per view: patch embed
+2 (N-1) 3 p^2 D + L (24 N D^2 + 4 N^2 D), N = 1 + (S/p)^2; head 2 (D h + h h + h b + b K)):
+student 3 x forward (backward = 2 x forward) over all 2 + n_local views, teacher 1 x forward over
+the 2 global views; loss, optimizer and EMA not counted. MFU = FLOPs / step time / --peak-tflops
+(default 989 = H100 SXM bf16 dense).
+
+    python bench/bench_train.py                       # GPU: ViT-S/16, 2x224 + 10x96, batch 64
+    python bench/bench_train.py --data /imagenet/train --batch-size 128 --steps 50
+    python bench/bench_train.py --out /tmp/r          # CPU: a tiny model, NOT GPU figures
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+if not torch.cuda.is_available():  # before any Triton kernel is defined: CPU runs the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.bench_model import vit_forward_flops  # noqa: E402
+from bench.common import write_results  # noqa: E402
+
+PATHS = ("reference", "fast", "fast+compile")
+MODES = ("synthetic", "loader")
+PHASES = ("data", "forward", "loss", "backward", "optimizer", "ema", "other")
+
+
+# --- FLOP counting -----------------------------------------------------------------------------
+def step_flops(cfg: Any) -> int:
+    """Counted FLOPs of one training step over the global batch (formula in the module doc)."""
+    from dino_fast.models import ARCHS
+
+    arch = ARCHS[cfg.arch]
+    dim, depth, p = arch["embed_dim"], cfg.depth or arch["depth"], cfg.patch_size
+    h, b, k = cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.out_dim
+    head = 2 * (dim * h + h * h + h * b + b * k)
+
+    def view(size: int) -> int:
+        return vit_forward_flops(1 + (size // p) ** 2, dim, depth, p) + head
+
+    student = 2 * view(cfg.global_crops_size) + cfg.local_crops_number * view(cfg.local_crops_size)
+    teacher = 2 * view(cfg.global_crops_size)
+    return cfg.batch_size_per_gpu * (3 * student + teacher)
+
+
+# --- configs -----------------------------------------------------------------------------------
+def path_overrides(path: str, cuda: bool) -> dict[str, Any]:
+    if path == "reference":
+        return dict(loss_impl="torch", ema_impl="foreach", attn_backend="sdpa", packed_multicrop=False,
+                    compile=False)
+    from dino_fast.models import xformers_usable
+
+    attn = "xformers" if cuda and xformers_usable(torch.cuda.current_device()) else "sdpa"
+    return dict(loss_impl="triton", ema_impl="triton", attn_backend=attn, packed_multicrop=True,
+                compile=path == "fast+compile")
+
+
+def build_config(args: argparse.Namespace, path: str, mode: str, data: Path, out: Path) -> Any:
+    from dino_fast.config import TrainConfig
+
+    cuda = torch.cuda.is_available()
+    base = dict(arch=args.arch, patch_size=args.patch_size, depth=args.depth or 0, out_dim=args.out_dim,
+                head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
+                global_crops_size=args.global_size, local_crops_size=args.local_size,
+                local_crops_number=args.n_local, batch_size_per_gpu=args.batch_size,
+                precision="bf16" if cuda else "fp32", freeze_last_layer=0,  # time the steady-state update
+                data_path=str(data), output_dir=str(out), num_workers=args.num_workers, progress=False,
+                data_backend="torchvision" if mode == "synthetic" else "auto",  # synthetic: loader never read
+                fsdp=args.fsdp, epochs=100, seed=0)
+    base.update(path_overrides(path, cuda))
+    return TrainConfig.from_dict(base)
+
+
+# --- timing ------------------------------------------------------------------------------------
+class PhaseTimer:
+    """Marks on the GPU timeline (CUDA events; wall clock on CPU). ``mark(phase)`` ends ``phase``;
+    a phase lasts from the previous mark to its own."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, phase: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((phase, ev))
+        else:
+            self.marks.append((phase, time.perf_counter()))
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        totals = dict.fromkeys(PHASES, 0.0)
+        for (_, t0), (phase, t1) in zip(self.marks, self.marks[1:]):
+            totals[phase] += t0.elapsed_time(t1) if self.cuda else (t1 - t0) * 1e3
+        return {f"{p}_ms": v / steps for p, v in totals.items()}
+
+
+@contextlib.contextmanager
+def instrumented(trainer: Any, timer: PhaseTimer) -> Iterator[None]:
+    """Phase marks inside ``Trainer.train_step`` without copying it: module hooks for the forwards
+    and the loss, wrappers around the clip (start of the optimizer phase) and the EMA step."""
+    # the module, not the `train` function that dino_fast/__init__.py exports under the same name
+    train_mod = importlib.import_module("dino_fast.train")
+    real_clip, real_ema = train_mod.clip_gradients_, trainer.ema.step
+
+    def clip(*a: Any, **kw: Any) -> Any:
+        timer.mark("backward")
+        return real_clip(*a, **kw)
+
+    def ema(*a: Any, **kw: Any) -> Any:
+        timer.mark("optimizer")
+        real_ema(*a, **kw)
+        timer.mark("ema")
+
+    handles = [trainer.teacher.register_forward_pre_hook(lambda *_: timer.mark("other")),
+               trainer.student.register_forward_hook(lambda *_: timer.mark("forward")),
+               trainer.loss_fn.register_forward_hook(lambda *_: timer.mark("loss"))]
+    train_mod.clip_gradients_, trainer.ema.step = clip, ema
+    try:
+        yield
+    finally:
+        train_mod.clip_gradients_ = real_clip
+        del trainer.ema.step  # back to the class method
+        for h in handles:
+            h.remove()
+
+
+def batches(trainer: Any, mode: str, args: argparse.Namespace, device: torch.device) -> Iterator[list[torch.Tensor]]:
+    """Endless views: one fixed synthetic batch, or the trainer's loader epoch after epoch."""
+    if mode == "synthetic":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        g = torch.Generator(device=device).manual_seed(0)
+        sizes = [args.global_size] * 2 + [args.local_size] * args.n_local
+        views = [torch.randn(args.batch_size, 3, s, s, device=device, dtype=dtype, generator=g) for s in sizes]
+        while True:
+            yield views
+    epoch = 0
+    while True:
+        yield from trainer.data.epoch(epoch)
+        epoch += 1
+
+
+def run_steps(trainer: Any, it: Iterator[list[torch.Tensor]], n: int, timer: PhaseTimer | None = None) -> float:
+    """``n`` train steps; returns wall seconds (synchronized at both ends)."""
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    if timer is not None:
+        timer.mark("other")
+    for _ in range(n):
+        views = next(it)
+        if timer is not None:
+            timer.mark("data")
+        trainer.train_step(views)
+        if timer is not None:
+            timer.mark("other")
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench_one(args: argparse.Namespace, path: str, mode: str, data: Path, device: torch.device) -> dict[str, Any]:
+    from dino_fast.train import Trainer
+
+    row: dict[str, Any] = {"mode": mode, "path": path, "batch": args.batch_size}
+    with tempfile.TemporaryDirectory() as out:
+        cfg = build_config(args, path, mode, data, Path(out))
+        row["attn"] = cfg.attn_backend + (" packed" if cfg.packed_multicrop else " per-res")
+        trainer = Trainer(cfg, device=device)
+        it = batches(trainer, mode, args, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        run_steps(trainer, it, args.warmup)
+        secs = run_steps(trainer, it, args.steps)
+        step_s = secs / args.steps
+        flops = step_flops(cfg)
+        row.update(img_s=args.batch_size / step_s, step_ms=step_s * 1e3, tflops=flops / step_s / 1e12,
+                   mfu=flops / step_s / 1e12 / args.peak_tflops if device.type == "cuda" else None,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None)
+        timer = PhaseTimer(device.type == "cuda")
+        with instrumented(trainer, timer):
+            run_steps(trainer, it, args.steps, timer)
+        row.update(timer.per_step_ms(args.steps))
+        del trainer, it
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS) if cuda else ["reference", "fast"],
+                   help="fast+compile is not run by default on CPU (compiling there takes minutes)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--data", default="", help="ImageFolder root for the loader mode (default: demo dataset)")
+    p.add_argument("--arch", default="vit_small" if cuda else "vit_tiny")
+    p.add_argument("--patch-size", type=int, default=16 if cuda else 8)
+    p.add_argument("--depth", type=int, default=None if cuda else 2, help="override depth (CPU default 2)")
+    p.add_argument("--batch-size", type=int, default=64 if cuda else 4, help="images per step")
+    p.add_argument("--global-size", type=int, default=224 if cuda else 32)
+    p.add_argument("--local-size", type=int, default=96 if cuda else 16)
+    p.add_argument("--n-local", type=int, default=10 if cuda else 2)
+    p.add_argument("--out-dim", type=int, default=65536 if cuda else 1024)
+    p.add_argument("--head-hidden-dim", type=int, default=2048 if cuda else 256)
+    p.add_argument("--head-bottleneck-dim", type=int, default=256 if cuda else 64)
+    p.add_argument("--num-workers", type=int, default=8 if cuda else 0, help="loader workers (DALI threads)")
+    p.add_argument("--fsdp", action="store_true", help="run the FSDP2 code path (one rank)")
+    p.add_argument("--warmup", type=int, default=10 if cuda else 1, help="untimed steps (compile happens here)")
+    p.add_argument("--steps", type=int, default=20 if cuda else 2, help="timed steps (each of 2 passes)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak dense TFLOP/s for MFU (989 = H100 SXM bf16 dense)")
+    p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU")
+    p.add_argument("--out", default=None, help="results directory (default bench/results)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.cpu_threads)
+    data = Path(args.data) if args.data else None
+    if data is None:
+        from dino_fast.data.demo import make_demo_dataset
+
+        data = make_demo_dataset() / "train"
+    rows = []
+    for mode in args.modes:
+        for path in args.paths:
+            try:
+                rows.append(bench_one(args, path, mode, data, device))
+            except torch.OutOfMemoryError:
+                rows.append({"mode": mode, "path": path, "batch": args.batch_size, "reason": "OOM"})
+                torch.cuda.empty_cache()
+    for row in rows:  # speed-up over the reference path of the same mode
+        ref = next((r for r in rows if r["mode"] == row["mode"] and r["path"] == "reference" and "img_s" in r), None)
+        if ref is not None and "img_s" in row:
+            row["x_ref"] = row["img_s"] / ref["img_s"]
+    shape = (f"{args.arch}/{args.patch_size}" + (f" depth {args.depth}" if args.depth else "") +
+             f", 2x{args.global_size} + {args.n_local}x{args.local_size} px views, out_dim {args.out_dim}, "
+             f"head {args.head_hidden_dim}/{args.head_bottleneck_dim}")
+    precision = "bf16 autocast" if device.type == "cuda" else f"fp32 (CPU, {args.cpu_threads} thread(s))"
+    source = f"--data {args.data}" if args.data else "demo dataset (64-px JPEGs)"
+    notes = (f"one process{' (FSDP2 path, 1 rank)' if args.fsdp else ''}; {shape}; {precision}; "
+             f"{args.warmup} warm-up + {args.steps} timed steps; loader data: {source}; tflops = counted FLOPs "
+             f"(student 3x fwd all views + teacher fwd globals, formula in bench/bench_train.py) / step time; "
+             f"mfu vs --peak-tflops {args.peak_tflops:g}; phase ms from a second, instrumented pass")
+    if device.type == "cpu":
+        notes += "; CPU: the fast path runs its Triton kernels in the interpreter, so its times mean nothing"
+    columns = ["mode", "path", "attn", "batch", "img_s", "x_ref", "step_ms", "tflops", "mfu", "peak_gib",
+               *[f"{p}_ms" for p in PHASES], "reason"]
+    write_results("train", rows, columns, notes=notes, out_dir=args.out)
+
+if __name__ == "__main__":
+    main()
