@@ -243,6 +243,9 @@ class Trainer:
         calibrate = cfg.time_budget_min > 0 and not cfg.resume
         bar = _progress(self.total_steps, self.step, enabled=self.main and cfg.progress)
         last_loss = float("nan")
+        track_knn = bool(cfg.knn_every_min and cfg.val_path)
+        if track_knn and self.step == 0:
+            writer.write({"step": 0, "epoch": 0, "train_min": 0.0, **self._knn_row()})  # the random-init baseline
         t_step0 = time.perf_counter()
         try:
             while self.step < self.total_steps:
@@ -268,9 +271,9 @@ class Trainer:
                         row = dict(step=self.step, epoch=self.epoch, loss=last_loss, lr=lr, wd=wd, momentum=momentum,
                                    teacher_temp=self.loss_fn.teacher_temp_at(self.epoch),
                                    img_per_s=img_s, train_min=train_s / 60)
-                        if cfg.knn_every_min and cfg.val_path:
+                        if track_knn:
                             run_s = all_reduce_max(train_s, self.device)  # ranks must agree (FSDP forwards)
-                            if run_s - last_knn_s >= 60 * cfg.knn_every_min:
+                            if run_s - last_knn_s >= 60 * cfg.knn_every_min or done:
                                 row.update(self._knn_row())
                                 last_knn_s = run_s
                         writer.write(row)

@@ -142,3 +142,13 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| random init |" in out and "| DINO-trained teacher |" in out and "2 steps" in out
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-00000002.pth").is_file()
+
+
+def test_knn_tracked_in_csv(demo_root, tmp_path):
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path, max_steps=3, log_every=10, knn_every_min=1.0,
+                               val_path=str(demo_root / "val"), eval_size=32, knn_k=5))
+    trainer.fit()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    knn = [(int(r["step"]), float(r["knn_top1"])) for r in rows if r["knn_top1"]]
+    assert [s for s, _ in knn] == [0, 3]  # random-init baseline, then the end of training
+    assert all(0 <= top1 <= 100 for _, top1 in knn)

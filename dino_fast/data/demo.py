@@ -1,11 +1,11 @@
 """A built-in labeled demo dataset: 10 classes of shapes and textures as JPEGs.
 
-Each class is a shape (circle, square, triangle, star, cross, ring) or a texture
-(horizontal stripes, vertical stripes, checkerboard, dots); shapes appear 2-4 times. Colours
-are smooth random fields that change across the image (background = complement of the
-foreground), and position, scale, rotation, stripe period and phase are random, so colour is no
-shortcut: the class is the geometry. Mild Gaussian
-noise is added and the images are written as JPEGs, so the real decode path runs.
+Each class is a shape (circle, square, triangle, star, cross, ring; 2-4 per image) or a texture
+(horizontal stripes, vertical stripes, checkerboard, dots) in a colour typical of the class
+(its own hue +-15 degrees, random saturation and brightness), on a weakly coloured background
+of random brightness that changes across the image. Position, scale, rotation, stripe period
+and phase are random. Mild Gaussian noise is added and the images are written as JPEGs, so the
+real decode path runs.
 
 Layout: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``, readable by
 :class:`~dino_fast.data.folder.ImageFolderDataset`.
@@ -29,7 +29,7 @@ from dino_fast.data.folder import DataError
 __all__ = ["DEMO_CLASSES", "make_demo_dataset", "demo_cache_dir"]
 
 # Bump when the generator changes, so cached copies are not reused.
-_GENERATOR_VERSION = 3
+_GENERATOR_VERSION = 5
 _OWNER = ".dino_fast_demo"  # written first: this folder is ours to rewrite
 _COMPLETE = ".complete"  # written last: generation finished
 _SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges
@@ -145,23 +145,32 @@ _DRAW: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
 }
 
 
-def _colour_field(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth random colour field (size, size, 3) in [0, 255]: a 3 x 3 grid of random colours,
-    bicubically upsampled, so different crops of one image see different colours."""
-    # each grid value dark or light, never mid-grey, so the complement (the background) contrasts
-    values = np.where(rng.random((3, 3, 3)) < 0.5, rng.uniform(0, 90, (3, 3, 3)), rng.uniform(165, 255, (3, 3, 3)))
-    grid = Image.fromarray(values.astype(np.uint8), mode="RGB")
-    return np.asarray(grid.resize((size, size), Image.BICUBIC), dtype=np.float32)
+def _hsv_to_rgb(h: np.ndarray, sat: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """HSV in [0, 1] (any broadcastable shapes) to RGB in [0, 255], (..., 3)."""
+    i = np.floor(h * 6.0) % 6
+    f = h * 6.0 - np.floor(h * 6.0)
+    p, q, t = v * (1 - sat), v * (1 - f * sat), v * (1 - (1 - f) * sat)
+    rgb = np.select([i[..., None] == k for k in range(6)],
+                    [np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
+    return rgb * 255.0
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth, weakly coloured random field (size, size, 3): a 3 x 3 grid of random colours of low
+    saturation and random brightness, bicubically upsampled, so crops of one image differ."""
+    grid = _hsv_to_rgb(rng.random((3, 3)), rng.uniform(0, 0.35, (3, 3)), rng.uniform(0.1, 0.9, (3, 3)))
+    img = Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8), mode="RGB")
+    return np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32)
 
 
 def render_demo_image(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One RGB ``size`` x ``size`` image of class ``cls`` drawn with ``rng``.
 
-    Shapes appear 2-4 times, textures fill the image. Foreground and background colours are smooth
-    random fields, the background the complement of the foreground (so the geometry stays visible). Why not one colour per image: two crops of one image
-    would then share their colours, and matching colours is the easiest way to agree across views --
-    a self-supervised model learns colour, which says nothing of the class here. With colours that
-    change across the image, what crops of one image share is the geometry: the class."""
+    Shapes appear 2-4 times, textures fill the image. Like object categories in photos, each class
+    has a typical colour (a hue of its own, +-15 degrees; random saturation and brightness), but the
+    background is a weakly coloured random field of random brightness that changes across the
+    image: nuisance that a random network's features follow and that crops of one image do not
+    fully share."""
     s = size * _SUPERSAMPLE
     draw = _DRAW[cls]
     if cls in _TEXTURES:
@@ -171,8 +180,9 @@ def render_demo_image(cls: str, size: int, rng: np.random.Generator) -> Image.Im
         for _ in range(int(rng.integers(2, 5))):
             mask = np.maximum(mask, draw(rng, s))
     alpha = mask.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]  # (size, size, 1)
-    fg = _colour_field(rng, size)
-    bg = 255.0 - fg
+    hue = (DEMO_CLASSES.index(cls) / len(DEMO_CLASSES) + rng.uniform(-0.04, 0.04)) % 1.0
+    fg = _hsv_to_rgb(np.asarray(hue), np.asarray(rng.uniform(0.5, 1.0)), np.asarray(rng.uniform(0.45, 1.0)))
+    bg = _background(rng, size)
     img = alpha * fg + (1.0 - alpha) * bg + rng.normal(0.0, _NOISE_STD, size=(size, size, 3))
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
 
