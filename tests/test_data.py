@@ -432,7 +432,7 @@ def test_demo_dataset_default_root_and_refusals(tmp_path, monkeypatch):
 def test_demo_dataset_has_class_structure(tmp_path):
     """1-NN on a translation-invariant shape feature (|FFT| of the gradient
     magnitude, colour-free) must beat chance (0.1) by far: the label is in the geometry."""
-    root = make_demo_dataset(tmp_path / "s", n_train_per_class=20, n_val_per_class=10, size=32, seed=0)
+    root = make_demo_dataset(tmp_path / "s", n_train_per_class=40, n_val_per_class=10, size=64, seed=0)
 
     def features(split):
         ds = ImageFolderDataset(root / split)

@@ -17,15 +17,7 @@ from dino_fast.models.vit import _packed_drop_path
 from tests.helpers import assert_close, requires_cuda
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 on CUDA must be real fp32 for the tight tolerances below."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tight fp32 tolerances
 
 
 # --- references written from the official DINO vision_transformer.py --------------------------

@@ -138,6 +138,17 @@ def _fit(classifier: LinearClassifier, train_epoch: Callable[[int], Iterable[tup
             "best_epoch": best["epoch"], "history": history}
 
 
+def _finish(result: dict[str, Any], classifier: LinearClassifier, lr_scaled: float, batch_size: int, epochs: int,
+            output_path: str | os.PathLike | None) -> dict[str, Any]:
+    """Add the lr and classifier to ``result`` and, when asked, save the linear layer's checkpoint."""
+    result.update(lr=lr_scaled, classifier=classifier, checkpoint=None)
+    if output_path is not None:
+        result["checkpoint"] = save_linear_checkpoint(
+            output_path, classifier, {"epoch": epochs, "best_acc": result["best_top1"], "top1": result["top1"],
+                                      "top5": result["top5"], "lr": lr_scaled, "batch_size": batch_size})
+    return result
+
+
 @torch.no_grad()
 def _evaluate(classifier: LinearClassifier, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy over all batches."""
@@ -208,12 +219,7 @@ def run_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
             yield xv[i:i + batch_size], yv[i:i + batch_size]
 
     result = _fit(classifier, train_epoch, val_batches, epochs, lr_scaled, device, val_every, progress)
-    result.update(lr=lr_scaled, classifier=classifier, checkpoint=None)
-    if output_path is not None:
-        result["checkpoint"] = save_linear_checkpoint(
-            output_path, classifier, {"epoch": epochs, "best_acc": result["best_top1"], "top1": result["top1"],
-                                      "top5": result["top5"], "lr": lr_scaled, "batch_size": batch_size})
-    return result
+    return _finish(result, classifier, lr_scaled, batch_size, epochs, output_path)
 
 
 def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader: Iterable, epochs: int = 100,
@@ -252,12 +258,7 @@ def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader
     classifier = LinearClassifier(dim, num_classes).to(device)
     result = _fit(classifier, lambda epoch: batches(train_loader), lambda: batches(val_loader), epochs, lr_scaled,
                   device, val_every, progress)
-    result.update(lr=lr_scaled, classifier=classifier, checkpoint=None)
-    if output_path is not None:
-        result["checkpoint"] = save_linear_checkpoint(
-            output_path, classifier, {"epoch": epochs, "best_acc": result["best_top1"], "top1": result["top1"],
-                                      "top5": result["top5"], "lr": lr_scaled, "batch_size": batch_size})
-    return result
+    return _finish(result, classifier, lr_scaled, batch_size, epochs, output_path)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
