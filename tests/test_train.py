@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dino_fast.checkpoint import latest_checkpoint
 from dino_fast.cli import main
 from dino_fast.config import TrainConfig
 from dino_fast.data.demo import make_demo_dataset
@@ -170,3 +171,44 @@ def test_tiny_imagenet_recipe_runs_on_the_real_photos(tmp_path):
     knn = [(int(r["step"]), float(r["knn_top1"])) for r in rows if r["knn_top1"]]
     assert [s for s, _ in knn] == [0, 2]
     assert all(5.0 < top1 < 100.0 for _, top1 in knn)  # 10 classes: near chance or above, never 0
+
+
+def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(demo_root, tmp_path):
+    """A real crash: `dino-fast train` in a subprocess gets SIGKILL once its first checkpoint is
+    on disk; `--resume auto` continues from the newest complete one and ends exactly where an
+    uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    long_run = tiny_cfg(demo_root, tmp_path / "killed", epochs=400, checkpoint_every=2, log_every=1)
+    cfg_file = tmp_path / "killed.yaml"
+    cfg_file.write_text(yaml.safe_dump(long_run.to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log_file = tmp_path / "killed.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dino_fast", "train", "--config", str(cfg_file)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    first = tmp_path / "killed" / "checkpoints" / "checkpoint-00000002.pth"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"training exited early: {log_file.read_text()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and first.exists()
+
+    newest = latest_checkpoint(tmp_path / "killed")
+    resumed_from = torch.load(newest, weights_only=False)["step"]
+    resumed = Trainer(long_run.replace(max_steps=8, resume="auto"))
+    resumed.fit()
+    straight = Trainer(tiny_cfg(demo_root, tmp_path / "straight", epochs=400, checkpoint_every=2, max_steps=8))
+    straight.fit()
+    assert 2 <= resumed_from < 8 and resumed.step == straight.step == 8
+    a, b = _params(straight), _params(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after SIGKILL + resume"
