@@ -241,6 +241,7 @@ class Trainer:
         t_log, n_log = time.perf_counter(), 0
         train_s, last_knn_s = 0.0, 0.0
         calibrate = cfg.time_budget_min > 0 and not cfg.resume
+        warm_s = 0.0
         bar = _progress(self.total_steps, self.step, enabled=self.main and cfg.progress)
         last_loss = float("nan")
         track_knn = bool(cfg.knn_every_min and cfg.val_path)
@@ -256,8 +257,10 @@ class Trainer:
                     now = time.perf_counter()
                     train_s += now - t_step0
                     t_step0 = now
+                    if calibrate and self.step == _CALIBRATION_WARMUP:
+                        warm_s = train_s
                     if calibrate and self.step == _CALIBRATION_STEPS:
-                        self._fit_to_budget(train_s)
+                        self._fit_to_budget(train_s, train_s - warm_s, _CALIBRATION_STEPS - _CALIBRATION_WARMUP)
                         bar.total = self.total_steps
                         calibrate = False
                     done = self.step >= self.total_steps
@@ -292,11 +295,14 @@ class Trainer:
         return {"steps": self.step, "epochs": self.epoch, "loss": last_loss, "train_minutes": train_s / 60,
                 "checkpoint": str(self._last_ckpt) if self._last_ckpt else None}
 
-    def _fit_to_budget(self, elapsed_s: float) -> None:
-        """After timing the first steps, size epochs (and so every schedule) to the time budget."""
+    def _fit_to_budget(self, elapsed_s: float, timed_s: float, timed_steps: int) -> None:
+        """Size epochs (and so every schedule) so that training ends when the budget does: the
+        steady per-step time is ``timed_s / timed_steps``, measured after the first steps (worker
+        start-up, allocator warm-up), and ``elapsed_s`` of the budget is already spent."""
         cfg = self.cfg
-        per_step = all_reduce_max(elapsed_s, self.device) / self.step  # every rank sizes the same run
-        steps = max(self.step + 1, int(cfg.time_budget_min * 60 / per_step))
+        per_step = all_reduce_max(timed_s, self.device) / timed_steps  # every rank sizes the same run
+        left_s = cfg.time_budget_min * 60 - all_reduce_max(elapsed_s, self.device)
+        steps = max(self.step + 1, self.step + int(left_s / per_step))
         epochs = -(-steps // self.niter)  # ceil: the last epoch may be partial
         scale = epochs / cfg.epochs
         changes = dict(epochs=epochs, max_steps=steps,
@@ -388,7 +394,8 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
 
-_CALIBRATION_STEPS = 5
+_CALIBRATION_WARMUP = 3  # steps not timed for the budget: worker start-up, first allocations
+_CALIBRATION_STEPS = 10  # the budget is sized at this step, from the steps after the warm-up
 
 
 def _seed_everything(seed: int) -> None:

@@ -135,6 +135,18 @@ def test_time_budget_sizes_the_schedules(demo_root, tmp_path):
     assert saved["max_steps"] == cfg.max_steps and saved["epochs"] == cfg.epochs
 
 
+
+def test_time_budget_counts_steady_steps_and_time_spent(demo_root, tmp_path):
+    """Sizing arithmetic: 7 timed steps in 14 s = 2 s/step; 30 s of a 60 s budget spent by step 10,
+    so 15 more steps fit: 25 in all (5 batches per epoch: 5 epochs), warm-ups scaled with them."""
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path, epochs=50, warmup_epochs=10, time_budget_min=1.0))
+    trainer.step = 10
+    trainer._fit_to_budget(elapsed_s=30.0, timed_s=14.0, timed_steps=7)
+    assert trainer.cfg.max_steps == 25 and trainer.cfg.epochs == 5 and trainer.cfg.warmup_epochs == 1
+    assert trainer.sched.total_steps == 25
+    trainer._fit_to_budget(elapsed_s=90.0, timed_s=14.0, timed_steps=7)  # already over: one more step
+    assert trainer.cfg.max_steps == 11
+
 def test_demo_command_end_to_end(tmp_path, capsys):
     """The README's main job, shortened: demo data, k-NN of the random teacher, training, k-NN again."""
     rc = main(["demo", "--data_root", str(tmp_path / "demo"), "--output_dir", str(tmp_path / "out"),
