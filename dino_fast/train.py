@@ -241,7 +241,7 @@ class Trainer:
         t_log, n_log = time.perf_counter(), 0
         train_s, last_knn_s = 0.0, 0.0
         calibrate = cfg.time_budget_min > 0 and not cfg.resume
-        warm_s = 0.0
+        warm_s, calib_step = 0.0, -1
         bar = _progress(self.total_steps, self.step, enabled=self.main and cfg.progress)
         last_loss = float("nan")
         track_knn = bool(cfg.knn_every_min and cfg.val_path)
@@ -259,8 +259,13 @@ class Trainer:
                     t_step0 = now
                     if calibrate and self.step == _CALIBRATION_WARMUP:
                         warm_s = train_s
-                    if calibrate and self.step == _CALIBRATION_STEPS:
-                        self._fit_to_budget(train_s, train_s - warm_s, _CALIBRATION_STEPS - _CALIBRATION_WARMUP)
+                    if calibrate and self.step == _CALIBRATION_MIN_STEPS:
+                        # how many steps the timing window takes: decided once, the same on every rank
+                        window_s = min(_CALIBRATION_MAX_S, _CALIBRATION_FRACTION * 60 * cfg.time_budget_min)
+                        est = all_reduce_max(train_s - warm_s, self.device) / (self.step - _CALIBRATION_WARMUP)
+                        calib_step = max(self.step, _CALIBRATION_WARMUP + math.ceil(window_s / max(est, 1e-9)))
+                    if calibrate and self.step == calib_step:
+                        self._fit_to_budget(train_s, train_s - warm_s, self.step - _CALIBRATION_WARMUP)
                         bar.total = self.total_steps
                         calibrate = False
                     done = self.step >= self.total_steps
@@ -394,8 +399,13 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
 
-_CALIBRATION_WARMUP = 3  # steps not timed for the budget: worker start-up, first allocations
-_CALIBRATION_STEPS = 10  # the budget is sized at this step, from the steps after the warm-up
+# A time budget is sized once, from the steady per-step time: the first steps (worker start-up,
+# first allocations) are not timed, then steps are timed for 5 % of the budget (at most a minute,
+# at least 7 steps) so that data-loader stalls average out.
+_CALIBRATION_WARMUP = 3
+_CALIBRATION_MIN_STEPS = 10
+_CALIBRATION_FRACTION = 0.05
+_CALIBRATION_MAX_S = 60.0
 
 
 def _seed_everything(seed: int) -> None:
