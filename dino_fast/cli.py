@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dino_fast.distributed import launch_rank
+
     # Under torchrun only rank 0 logs progress; the other ranks still report warnings and errors.
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    level = (logging.DEBUG if args.verbose else logging.INFO) if rank0 else logging.WARNING
+    level = (logging.DEBUG if args.verbose else logging.INFO) if launch_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from dino_fast.data.folder import DataError
 

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
+__all__ = ["init_distributed", "is_distributed", "get_rank", "launch_rank", "get_world_size", "is_main_process",
            "all_reduce_mean", "barrier", "cleanup"]
 
 
@@ -17,6 +17,12 @@ def is_distributed() -> bool:
 
 def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (``RANK``; 0 without torchrun), usable before the
+    process group exists, e.g. to configure logging."""
+    return get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
 
 
 def get_world_size() -> int:

@@ -135,7 +135,6 @@ def test_time_budget_sizes_the_schedules(demo_root, tmp_path):
     assert saved["max_steps"] == cfg.max_steps and saved["epochs"] == cfg.epochs
 
 
-
 def test_time_budget_counts_steady_steps_and_time_spent(demo_root, tmp_path):
     """Sizing arithmetic: 7 timed steps in 14 s = 2 s/step; 30 s of a 60 s budget spent by step 10,
     so 15 more steps fit: 25 in all (5 batches per epoch: 5 epochs), warm-ups scaled with them."""
@@ -146,6 +145,7 @@ def test_time_budget_counts_steady_steps_and_time_spent(demo_root, tmp_path):
     assert trainer.sched.total_steps == 25
     trainer._fit_to_budget(elapsed_s=90.0, timed_s=14.0, timed_steps=7)  # already over: one more step
     assert trainer.cfg.max_steps == 11
+
 
 def test_demo_command_end_to_end(tmp_path, capsys):
     """The README's main job, shortened: demo data, k-NN of the random teacher, training, k-NN again."""
@@ -218,7 +218,7 @@ def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(demo_root, tmp_pa
     resumed_from = torch.load(newest, weights_only=False)["step"]
     resumed = Trainer(long_run.replace(max_steps=8, resume="auto"))
     resumed.fit()
-    straight = Trainer(tiny_cfg(demo_root, tmp_path / "straight", epochs=400, checkpoint_every=2, max_steps=8))
+    straight = Trainer(long_run.replace(output_dir=str(tmp_path / "straight"), max_steps=8))
     straight.fit()
     assert 2 <= resumed_from < 8 and resumed.step == straight.step == 8
     a, b = _params(straight), _params(resumed)

@@ -12,6 +12,7 @@ Layout: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``, readable by
 """
 from __future__ import annotations
 
+import colorsys
 import contextlib
 import hashlib
 import json
@@ -145,20 +146,11 @@ _DRAW: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
 }
 
 
-def _hsv_to_rgb(h: np.ndarray, sat: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """HSV in [0, 1] (any broadcastable shapes) to RGB in [0, 255], (..., 3)."""
-    i = np.floor(h * 6.0) % 6
-    f = h * 6.0 - np.floor(h * 6.0)
-    p, q, t = v * (1 - sat), v * (1 - f * sat), v * (1 - (1 - f) * sat)
-    rgb = np.select([i[..., None] == k for k in range(6)],
-                    [np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
-    return rgb * 255.0
-
-
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A smooth, weakly coloured random field (size, size, 3): a 3 x 3 grid of random colours of low
     saturation and random brightness, bicubically upsampled, so crops of one image differ."""
-    grid = _hsv_to_rgb(rng.random((3, 3)), rng.uniform(0, 0.35, (3, 3)), rng.uniform(0.1, 0.9, (3, 3)))
+    hue, sat, val = rng.random((3, 3)), rng.uniform(0, 0.35, (3, 3)), rng.uniform(0.1, 0.9, (3, 3))
+    grid = 255.0 * np.array([[colorsys.hsv_to_rgb(*hsv) for hsv in zip(*rows)] for rows in zip(hue, sat, val)])
     img = Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8), mode="RGB")
     return np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32)
 
@@ -181,7 +173,7 @@ def render_demo_image(cls: str, size: int, rng: np.random.Generator) -> Image.Im
             mask = np.maximum(mask, draw(rng, s))
     alpha = mask.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]  # (size, size, 1)
     hue = (DEMO_CLASSES.index(cls) / len(DEMO_CLASSES) + rng.uniform(-0.04, 0.04)) % 1.0
-    fg = _hsv_to_rgb(np.asarray(hue), np.asarray(rng.uniform(0.5, 1.0)), np.asarray(rng.uniform(0.45, 1.0)))
+    fg = 255.0 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.45, 1.0)))
     bg = _background(rng, size)
     img = alpha * fg + (1.0 - alpha) * bg + rng.normal(0.0, _NOISE_STD, size=(size, size, 3))
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
