@@ -167,21 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under torchrun only rank 0 logs progress; the other ranks still report warnings and errors.
     level = (logging.DEBUG if args.verbose else logging.INFO) if launch_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from dino_fast.data.folder import DataError
+    from dino_fast.errors import DinoFastError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (DinoFastError, FileNotFoundError) as e:
         print(f"dino-fast: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # errors with a user-facing message of our own
-        from dino_fast.train import NonFiniteLossError
-
-        if isinstance(e, NonFiniteLossError) or type(e).__name__ in ("PretrainedError",):
-            print(f"dino-fast: error: {e}", file=sys.stderr)
-            return 2
-        raise
-
 
 if __name__ == "__main__":
     sys.exit(main())

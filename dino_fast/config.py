@@ -12,11 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dino_fast.errors import ConfigError
+
 __all__ = ["TrainConfig", "ConfigError", "load_config"]
-
-
-class ConfigError(ValueError):
-    """A bad config key or value."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import nn
 from dino_fast.config import ConfigError, TrainConfig
 from dino_fast.distributed import get_world_size, is_distributed, is_main_process
 
-__all__ = ["apply_fsdp", "apply_activation_checkpointing", "parallelize", "fsdp_param_dtype",
+__all__ = ["apply_fsdp", "apply_activation_checkpointing", "parallelize",
            "init_single_process_group", "check_config_agrees", "all_reduce_max"]
 
 log = logging.getLogger(__name__)
@@ -94,27 +94,23 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None = None, reduce_
     return model
 
 
-def fsdp_param_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 compute parameters exactly when the trainer autocasts to bf16 (config ``precision``)."""
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def parallelize(student: nn.Module, teacher: nn.Module, cfg: TrainConfig, device: torch.device) -> bool:
+def parallelize(student: nn.Module, teacher: nn.Module, cfg: TrainConfig, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> bool:
     """Activation checkpointing (student, if configured) and FSDP2 on both models when the run is
-    distributed or ``cfg.fsdp`` forces it. Returns True when the models were sharded."""
+    distributed or ``cfg.fsdp`` forces it; parameters are all-gathered and computed in ``dtype``
+    (the run's compute dtype, :func:`dino_fast.precision.compute_dtype`). Returns True when the
+    models were sharded."""
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(student)  # the teacher runs under no_grad: nothing to recompute
     if not (cfg.fsdp or get_world_size() > 1):
         return False
     mesh = _default_mesh(device)
-    dtype = fsdp_param_dtype(cfg, device)
-    apply_fsdp(student, param_dtype=dtype, mesh=mesh)
-    apply_fsdp(teacher, param_dtype=dtype, mesh=mesh)
+    param_dtype = None if dtype == torch.float32 else dtype
+    apply_fsdp(student, param_dtype=param_dtype, mesh=mesh)
+    apply_fsdp(teacher, param_dtype=param_dtype, mesh=mesh)
     if is_main_process():
         log.info("FSDP2: student and teacher sharded over %d rank(s), compute dtype %s%s", mesh.size(),
-                 dtype or "fp32", ", activation checkpointing" if cfg.activation_checkpointing else "")
+                 dtype, ", activation checkpointing" if cfg.activation_checkpointing else "")
     return True
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_fast.errors import PretrainedError
 from dino_fast.models import ARCHS, DinoViT, build_backbone
 
 __all__ = ["PretrainedError", "load_pretrained", "load_checkpoint_file", "infer_vit_config", "detect_layout",
@@ -50,10 +51,6 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Classifier weights of timm / DeiT models: not part of a DINO backbone.
 _CLASSIFIER_PREFIXES = ("head.", "head_dist.")
-
-
-class PretrainedError(ValueError):
-    """Weights that cannot be loaded; the message names the file and the problem on one line."""
 
 
 # --------------------------------------------------------------------------- reading files

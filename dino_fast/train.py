@@ -22,7 +22,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,12 +31,15 @@ from torch import nn
 from dino_fast import dist_checkpoint
 from dino_fast.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, checkpoint_path, latest_checkpoint, \
     prune_checkpoints, rng_state, set_rng_state
-from dino_fast.config import ConfigError, TrainConfig
+from dino_fast.config import TrainConfig
+from dino_fast.data.build import build_train_data
+from dino_fast.errors import NonFiniteLossError
 from dino_fast.distributed import get_rank, get_world_size, init_distributed, is_distributed, is_main_process
 from dino_fast.ema import TeacherEMA
 from dino_fast.loss import DINOLoss
 from dino_fast.models import DINOHead, MultiCropWrapper, build_backbone
 from dino_fast.optim import build_optimizer, cancel_last_layer_gradients_, clip_gradients_, set_schedule_
+from dino_fast.precision import autocast, compute_dtype
 from dino_fast.parallel import all_reduce_max, check_config_agrees, init_single_process_group, parallelize
 from dino_fast.schedules import Schedules
 
@@ -46,10 +49,6 @@ log = logging.getLogger("dino_fast")
 
 CSV_FIELDS = ["step", "epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "img_per_s", "train_min",
               "knn_top1", "knn_top5"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; nothing was saved after the last finite check."""
 
 
 def build_models(cfg: TrainConfig, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
@@ -75,58 +74,6 @@ def build_models(cfg: TrainConfig, device: torch.device) -> tuple[MultiCropWrapp
     return student, teacher
 
 
-class _TrainData:
-    """The training loader and what the trainer needs of it: batches per epoch, epoch/resume control."""
-
-    def __init__(self, cfg: TrainConfig, device: torch.device, rank: int, world: int) -> None:
-        self.cfg, self.device = cfg, device
-        backend = cfg.data_backend
-        if backend == "auto":
-            from dino_fast.data.dali import dali_available
-
-            backend = "dali" if device.type == "cuda" and dali_available() else "torchvision"
-        self.backend = backend
-        if not cfg.data_path:
-            raise ConfigError("config data_path is empty: give --data_path <ImageFolder root> (or use `dino-fast demo`)")
-        if backend == "dali":
-            from dino_fast.data.dali import DALIMultiCropLoader
-
-            self.loader = DALIMultiCropLoader(
-                cfg.data_path, batch_size=cfg.batch_size_per_gpu, global_crops_scale=cfg.global_crops_scale,
-                local_crops_scale=cfg.local_crops_scale, local_crops_number=cfg.local_crops_number,
-                global_crops_size=cfg.global_crops_size, local_crops_size=cfg.local_crops_size,
-                device="gpu" if device.type == "cuda" else "cpu",
-                device_id=device.index if device.type == "cuda" else None, num_threads=max(1, cfg.num_workers),
-                seed=cfg.seed, shard_id=rank, num_shards=world,
-                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            self.num_batches = len(self.loader)
-            self.sampler = None
-        else:
-            from dino_fast.data.folder import ImageFolderDataset, collate_views
-            from dino_fast.data.sampling import ResumableSampler, SeededDataset
-            from dino_fast.data.transforms import DataAugmentationDINO
-
-            transform = DataAugmentationDINO(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
-                                             cfg.global_crops_size, cfg.local_crops_size)
-            self.dataset = ImageFolderDataset(cfg.data_path, transform=transform)
-            self.sampler = ResumableSampler(len(self.dataset), cfg.batch_size_per_gpu, seed=cfg.seed, rank=rank,
-                                            world_size=world)
-            self.num_batches = self.sampler.num_batches
-            # Own generator: creating an iterator must not draw from the global RNG (resume exactness).
-            self.loader = torch.utils.data.DataLoader(
-                SeededDataset(self.dataset), batch_size=cfg.batch_size_per_gpu, sampler=self.sampler,
-                num_workers=cfg.num_workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
-                persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
-                drop_last=True)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[torch.Tensor]]:
-        """Batches of epoch ``epoch`` from ``start_batch`` on, as lists of view tensors on the device."""
-        # Both start at start_batch without loading the batches before it.
-        (self.sampler or self.loader).set_epoch(epoch, start_batch)
-        for views, _labels in self.loader:
-            yield [v.to(self.device, non_blocking=True) for v in views]
-
-
 class Trainer:
     """Owns models, optimizer, loss, schedules and the loop. ``state_dict``/``load_state_dict``
     hold everything a resume needs (Stateful)."""
@@ -141,11 +88,12 @@ class Trainer:
         check_config_agrees(cfg)
         self.out = Path(cfg.output_dir)
         _seed_everything(cfg.seed)
-        self.data = _TrainData(cfg, self.device, self.rank, self.world)
+        self.dtype = compute_dtype(cfg.precision, self.device)
+        self.data = build_train_data(cfg, self.device, self.rank, self.world, self.dtype)
         self.niter = self.data.num_batches
         self.student, self.teacher = build_models(cfg, self.device)
         # Same seed on every rank -> same initial weights: sharding needs no broadcast.
-        self.sharded = parallelize(self.student, self.teacher, cfg, self.device)
+        self.sharded = parallelize(self.student, self.teacher, cfg, self.device, self.dtype)
         self.ema = TeacherEMA(self.student, self.teacher, impl=cfg.ema_impl)
         self.optimizer = build_optimizer(self.student, cfg.optimizer)
         self.step = 0
@@ -182,10 +130,7 @@ class Trainer:
         return self.step // self.niter
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        prec = self.cfg.precision
-        if prec == "bf16" or (prec == "auto" and self.device.type == "cuda"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.dtype, self.device)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, views: list[torch.Tensor]) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dino_fast.errors import DataError
+
 __all__ = ["DataError", "CorruptImageWarning", "ImageFolderDataset", "IMG_EXTENSIONS", "collate_views",
            "build_train_loader"]
 
@@ -25,10 +27,6 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # What PIL raises on truncated, random or otherwise undecodable files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class DataError(ValueError):
-    """The data folder cannot be used as given; the message says why and where."""
 
 
 class CorruptImageWarning(UserWarning):

@@ -1,0 +1,96 @@
+"""The one train-data builder: the trainer and the benchmarks (bench_data, bench_train) call
+:func:`build_train_data`, so what is measured is what training runs.
+
+Both back-ends give the same sample order for a seed (``(seed, epoch)`` permutation, sharded by
+rank, resumable at any batch) and the same augmentation recipe; views arrive on ``device``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+
+from dino_fast.errors import ConfigError, DataError
+
+__all__ = ["TrainData", "build_train_data", "resolve_data_backend"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    """(backend, why): ``auto`` is DALI when CUDA and DALI are present, else torchvision."""
+    if backend != "auto":
+        return backend, "requested"
+    from dino_fast.data.dali import dali_available
+
+    if device.type != "cuda":
+        return "torchvision", "no CUDA device (DALI's CPU mode is slower than on the GPU; ask for it with dali)"
+    if not dali_available():
+        return "torchvision", "nvidia-dali is not importable"
+    return "dali", "CUDA and DALI present"
+
+
+class TrainData:
+    """The training loader and what the trainer needs of it: batches per epoch and
+    epoch/resume control. ``epoch(e, start_batch)`` yields lists of view tensors on the device."""
+
+    def __init__(self, cfg: Any, device: torch.device, rank: int = 0, world: int = 1,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.backend, self.why = resolve_data_backend(cfg.data_backend, device)
+        if not cfg.data_path:
+            raise ConfigError("config data_path is empty: give --data_path <ImageFolder root> (or use `dino-fast demo`)")
+        if self.backend == "dali":
+            from dino_fast.data.dali import DALIMultiCropLoader
+
+            on_gpu = device.type == "cuda"
+            # Views come out in the compute dtype on the GPU (no cast in the step); fp32 on CPU.
+            self.loader = DALIMultiCropLoader(
+                cfg.data_path, batch_size=cfg.batch_size_per_gpu, global_crops_scale=cfg.global_crops_scale,
+                local_crops_scale=cfg.local_crops_scale, local_crops_number=cfg.local_crops_number,
+                global_crops_size=cfg.global_crops_size, local_crops_size=cfg.local_crops_size,
+                device="gpu" if on_gpu else "cpu", device_id=device.index if on_gpu else None,
+                num_threads=max(1, cfg.num_workers), seed=cfg.seed, shard_id=rank, num_shards=world,
+                dtype=dtype if on_gpu else torch.float32)
+            self.num_batches = len(self.loader)
+            self.sampler = None
+        else:
+            from dino_fast.data.folder import ImageFolderDataset, collate_views
+            from dino_fast.data.sampling import ResumableSampler, SeededDataset
+            from dino_fast.data.transforms import DataAugmentationDINO
+
+            transform = DataAugmentationDINO(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
+                                             cfg.global_crops_size, cfg.local_crops_size)
+            self.dataset = ImageFolderDataset(cfg.data_path, transform=transform)
+            if len(self.dataset) < cfg.batch_size_per_gpu * world:
+                raise DataError(f"{len(self.dataset)} images in {cfg.data_path} is fewer than one global batch "
+                                f"({cfg.batch_size_per_gpu} x {world} ranks)")
+            self.sampler = ResumableSampler(len(self.dataset), cfg.batch_size_per_gpu, seed=cfg.seed, rank=rank,
+                                            world_size=world)
+            self.num_batches = self.sampler.num_batches
+            # Own generator: creating an iterator must not draw from the global RNG (resume exactness).
+            self.loader = torch.utils.data.DataLoader(
+                SeededDataset(self.dataset), batch_size=cfg.batch_size_per_gpu, sampler=self.sampler,
+                num_workers=cfg.num_workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
+                persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
+                drop_last=True)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[torch.Tensor]]:
+        """Batches of epoch ``epoch`` from ``start_batch`` on, as lists of view tensors on the device."""
+        # Both start at start_batch without loading the batches before it.
+        (self.sampler or self.loader).set_epoch(epoch, start_batch)
+        for views, _labels in self.loader:
+            yield [v.to(self.device, non_blocking=True) for v in views]
+
+    def describe(self) -> str:
+        """One line for the start-up log: which loader and why."""
+        return f"{self.backend} ({self.why}), views in {str(self.dtype).replace('torch.', '')}"
+
+
+def build_train_data(cfg: Any, device: torch.device, rank: int = 0, world: int = 1,
+                     dtype: torch.dtype = torch.float32) -> TrainData:
+    """The training data of ``cfg`` (official names: data_path, batch_size_per_gpu, global/local crops
+    scale/number/size, num_workers, seed, data_backend) for this rank, views in ``dtype`` where the
+    back-end produces them on the GPU (DALI); fp32 otherwise (autocast casts in the model)."""
+    return TrainData(cfg, device, rank, world, dtype)
