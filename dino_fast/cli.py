@@ -175,5 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dino-fast: error: {e}", file=sys.stderr)
         return 2
 
+
 if __name__ == "__main__":
     sys.exit(main())
