@@ -1,25 +1,34 @@
-"""Data-loading benchmark: DINO multi-crop images/s, DALI pipeline vs the torchvision DataLoader.
+"""Data-loading benchmark: DINO multi-crop images/s of the trainer's loader, DALI vs torchvision.
 
-Both paths produce the same views (2 global + --local-crops local, official augmentations,
-normalized CHW) from the same folder of JPEGs with the same number of CPU workers
-(DataLoader processes / DALI threads). One image/s = all of its views produced; the
-torchvision batches are moved to the GPU inside the timed loop, since DALI's arrive there.
+Both back-ends are built by the trainer's own builder (``dino_fast.data.build.build_train_data``),
+from one config, and read through ``TrainData.epoch`` exactly as the training loop reads them:
+views on the device, DALI's in the training dtype (``--precision``, default the trainer's
+``auto``: bf16 on CUDA, fp32 on CPU). Same folder, same number of CPU workers (DataLoader
+processes / DALI threads). One image/s = all of its views produced. Modes are timed in turns,
+``--repeats`` times; the speedup is the median of the per-turn ratios, so both sides of each
+ratio ran under the same machine load.
+
+``--profile`` also times the DALI path stage by stage (CPU time of the whole process per batch,
+which other processes on the machine disturb less than wall time): feeding a batch (file reads,
+draws), DALI's decoder, DALI's crops, the torch photometric ops, the whole loader.
 
 Without --data, ImageNet-like JPEGs (500x375 and 375x500, smooth random content plus
 texture, quality 90) are generated once into a cache folder.
 
-    python bench/bench_data.py                                 # GPU: dali-gpu, dali-cpu, torchvision
-    python bench/bench_data.py --data /imagenet/train --workers 8
-    python bench/bench_data.py --out /tmp/r                    # CPU: tiny run, NOT GPU figures
+    python -m bench.bench_data                                  # GPU: dali-gpu, dali-cpu, torchvision
+    python -m bench.bench_data --data /imagenet/train --workers 12 --modes torchvision dali-gpu
+    python -m bench.bench_data --data ../shared/data/tiny-imagenet-10/train --global-size 32 \\
+        --local-size 16 --local-crops 6 --workers 2 --repeats 3 --profile   # CPU: NOT GPU figures
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -55,26 +64,107 @@ def make_bench_jpegs(n_images: int, root: Path | None = None, classes: int = 10,
     return root
 
 
-def time_batches(batches: Iterable, n_warmup: int, n_timed: int, sync: Callable[[], None]) -> float:
-    """Seconds for ``n_timed`` batches after ``n_warmup`` (build, worker start, first decode) are drawn."""
-    it = iter(batches)
-    for _ in range(n_warmup):
-        next(it)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n_timed):
-        next(it)
-    sync()
-    return time.perf_counter() - t0
+def train_config(args: argparse.Namespace, root: Path, backend: str) -> Any:
+    """The training config the loader is built from (official names); sizes not multiples of 16 use patch 8."""
+    from dino_fast.config import TrainConfig
+
+    patch = 16 if args.global_size % 16 == 0 and args.local_size % 16 == 0 else 8
+    fits = args.global_size % patch == 0 and args.local_size % patch == 0  # else a ResNet: any size
+    return TrainConfig.from_dict(dict(
+        data_path=str(root), data_backend=backend, batch_size_per_gpu=args.batch_size,
+        local_crops_number=args.local_crops, global_crops_size=args.global_size, local_crops_size=args.local_size,
+        patch_size=patch, arch="vit_small" if fits else "resnet50", num_workers=args.workers,
+        precision=args.precision, seed=0))
 
 
-def _endless(make_epoch: Callable[[], Iterable], to_device: Callable | None = None) -> Iterable:
-    """Batches across epochs (the timed window may exceed one epoch of a small folder)."""
+def endless(data: Any) -> Iterator[list[torch.Tensor]]:
+    """Batches across epochs, as the trainer reads them (the timed window may exceed one epoch)."""
+    epoch = 0
     while True:
-        for views, labels in make_epoch():
-            if to_device is not None:
-                views = [v.to(to_device, non_blocking=True) for v in views]
-            yield views, labels
+        yield from data.epoch(epoch)
+        epoch += 1
+
+
+def time_batches(batches: Iterator, n_warmup: int, n_timed: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """(wall s, process CPU s) for ``n_timed`` batches after ``n_warmup`` (build, worker start, first decode)."""
+    for _ in range(n_warmup):
+        next(batches)
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n_timed):
+        next(batches)
+    sync()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def build(args: argparse.Namespace, root: Path, mode: str, device: torch.device, dtype: torch.dtype) -> Any:
+    from dino_fast.data.build import build_train_data
+
+    backend = "torchvision" if mode == "torchvision" else "dali"
+    dev = torch.device("cpu") if mode == "dali-cpu" else device  # dali-cpu: DALI's CPU operators, views on the CPU
+    data = build_train_data(train_config(args, root, backend), dev, dtype=dtype)
+    if backend == "dali" and args.hw_decoder_load is not None:
+        data.loader.hw_decoder_load = args.hw_decoder_load  # read when the pipeline is built (first epoch)
+    return data
+
+
+def profile_dali(args: argparse.Namespace, root: Path, dtype: torch.dtype, n: int) -> list[dict[str, Any]]:
+    """Stage by stage CPU ms per batch of the DALI CPU path (each stage on top of the previous one)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from dino_fast.data.dali import _multicrop_graph
+
+    data = build(args, root, "dali-cpu", torch.device("cpu"), dtype)
+    loader = data.loader
+
+    def cpu_ms(step: Callable[[], Any]) -> float:
+        for _ in range(3):
+            step()
+        best = float("inf")
+        for _ in range(3):  # best of 3: the least disturbed by other processes
+            c0 = time.process_time()
+            for _ in range(n):
+                step()
+            best = min(best, (time.process_time() - c0) / n)
+        return best * 1e3
+
+    def feed() -> Any:
+        out = loader._next_input()
+        loader._pending.clear()
+        return out
+
+    def pipe_ms(graph: Callable[[], Any]) -> float:
+        pipe = pipeline_def(graph, batch_size=loader.batch_size, num_threads=loader.num_threads, device_id=None,
+                            prefetch_queue_depth=loader.prefetch_queue_depth)()
+        pipe.build()
+        return cpu_ms(lambda: (pipe.run(), loader._pending.clear()))
+
+    n_out = 1 + 2 * loader.num_views
+
+    def decode_only() -> Any:
+        encoded, *windows = fn.external_source(source=loader._next_input, num_outputs=n_out, batch=True)
+        return (fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False), *windows)
+
+    t_feed = cpu_ms(feed)
+    t_decode = pipe_ms(decode_only)
+    sizes = tuple(view.size for view in loader._views)
+    t_dali = pipe_ms(lambda: _multicrop_graph(loader._next_input, sizes, False, loader.hw_decoder_load))
+    loader._build(0)
+    out = next(loader._iter)[0]
+    meta = loader._pending.pop(0)
+    t_photo = cpu_ms(lambda: loader._convert(out, meta))
+    loader.close_pipeline()
+    batches = endless(data)
+    t_all = cpu_ms(lambda: next(batches))
+    v = loader.num_views
+    stages = [("feed: read files, draw crops and factors (numpy)", t_feed),
+              ("DALI decode (libjpeg-turbo)", t_decode - t_feed),
+              (f"DALI crops: {v} x fn.resize (window, flip) + stack/transpose per resolution", t_dali - t_decode),
+              ("torch photometric: colour, blur, solarize, normalize, cast (all views)", t_photo),
+              ("iterator copies and the rest", t_all - t_dali - t_photo),
+              ("whole loader (TrainData.epoch)", t_all)]
+    return [{"stage": name, "cpu_ms_per_batch": ms, "share_of_loader": ms / t_all,
+             "img_per_cpu_s": loader.batch_size / ms * 1e3} for name, ms in stages]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,21 +173,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=None, help="ImageFolder root (folder per class); default: generated JPEGs")
     p.add_argument("--n-images", type=int, default=2000 if cuda else 48, help="images to generate without --data")
     p.add_argument("--batch-size", type=int, default=64 if cuda else 8)
-    p.add_argument("--local-crops", type=int, default=8 if cuda else 2)
+    p.add_argument("--local-crops", type=int, default=10 if cuda else 2)
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--workers", type=int, default=8 if cuda else 2, help="DataLoader workers = DALI threads")
-    p.add_argument("--batches", type=int, default=30 if cuda else 3, help="timed batches per loader")
+    p.add_argument("--batches", type=int, default=30 if cuda else 3, help="timed batches per loader and turn")
     p.add_argument("--warmup", type=int, default=5 if cuda else 1, help="untimed batches first")
+    p.add_argument("--repeats", type=int, default=1, help="turns over all modes")
     p.add_argument("--modes", nargs="+", default=None, choices=["torchvision", "dali-gpu", "dali-cpu"],
                    help="default: all that apply (dali-gpu needs CUDA)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="DALI view dtype")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="training precision: DALI's views come in its dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--hw-decoder-load", type=float, default=None,
+                   help="share of JPEGs for the GPU's hardware decoder (dali-gpu; default DALI's 0.65)")
+    p.add_argument("--profile", action="store_true", help="also time the DALI CPU path stage by stage")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = p.parse_args(argv)
 
-    from dino_fast.data.dali import DALIMultiCropLoader, dali_available
-    from dino_fast.data.folder import ImageFolderDataset, build_train_loader
-    from dino_fast.data.transforms import DataAugmentationDINO
+    from dino_fast.data.dali import dali_available
+    from dino_fast.precision import compute_dtype
 
     root = Path(args.data) if args.data else make_bench_jpegs(args.n_images)
     modes = args.modes or (["torchvision", "dali-gpu", "dali-cpu"] if cuda else ["torchvision", "dali-cpu"])
@@ -107,41 +201,49 @@ def main(argv: list[str] | None = None) -> None:
     if "dali-gpu" in modes and not cuda:
         raise SystemExit("dali-gpu needs CUDA")
     device = torch.device("cuda" if cuda else "cpu")
+    dtype = compute_dtype(args.precision, device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    crops = dict(global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=args.local_crops,
-                 global_crops_size=args.global_size, local_crops_size=args.local_size)
     n_views = 2 + args.local_crops
 
-    rows, seconds = [], {}
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    info: dict[str, tuple[int, str]] = {}
+    for _ in range(args.repeats):
+        for mode in modes:
+            data = build(args, root, mode, device, dtype)
+            n_images = len(data.dataset) if mode == "torchvision" else len(data.loader.samples)
+            info[mode] = (n_images, str(data.view_dtype).replace("torch.", ""))
+            runs[mode].append(time_batches(endless(data), args.warmup, args.batches, sync))
+            del data
+    imgs = args.batches * args.batch_size
+    rows = []
     for mode in modes:
-        if mode == "torchvision":
-            dataset = ImageFolderDataset(root, transform=DataAugmentationDINO(**crops))
-            loader = build_train_loader(dataset, args.batch_size, args.workers, seed=0)
-            batches = _endless(lambda: loader, to_device=device if cuda else None)
-            n_images = len(dataset)
-        else:
-            dali = DALIMultiCropLoader(root, args.batch_size, **crops, device=mode.split("-")[1],
-                                       device_id=0 if mode == "dali-gpu" else None, num_threads=args.workers,
-                                       dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-            batches = _endless(lambda: dali)
-            n_images = len(dali.samples)
-        seconds[mode] = time_batches(batches, args.warmup, args.batches, sync)
-        del batches
-        imgs = args.batches * args.batch_size
+        rates = [imgs / wall for wall, _ in runs[mode]]
+        ratios = ([runs["torchvision"][k][0] / runs[mode][k][0] for k in range(args.repeats)]
+                  if "torchvision" in runs else None)
         rows.append({"loader": mode, "workers": args.workers, "batch_size": args.batch_size, "views": n_views,
-                     "images_in_folder": n_images, "timed_batches": args.batches,
-                     "img_per_s": imgs / seconds[mode], "views_per_s": imgs * n_views / seconds[mode]})
-    base = seconds.get("torchvision")
-    for r in rows:
-        r["speedup_vs_torchvision"] = base / seconds[r["loader"]] if base else None
+                     "view_dtype": info[mode][1], "images_in_folder": info[mode][0], "timed_batches": args.batches,
+                     "repeats": args.repeats, "img_per_s": statistics.median(rates), "img_per_s_min": min(rates),
+                     "img_per_s_max": max(rates), "views_per_s": statistics.median(rates) * n_views,
+                     "cpu_ms_per_batch": statistics.median(c for _, c in runs[mode]) / args.batches * 1e3,
+                     "speedup_vs_torchvision": statistics.median(ratios) if ratios else None,
+                     "speedups": " ".join(f"{r:.2f}" for r in ratios) if ratios else ""})
 
-    notes = (f"data={root}, global {args.global_size}px, local {args.local_size}px, dali dtype {args.dtype}; "
-             "img/s counts every view of an image"
-             + ("; torchvision views moved to the GPU inside the timed loop" if cuda
-                else "; CPU run at tiny sizes: NOT a GPU figure"))
-    write_results("bench_data", rows, ["loader", "workers", "batch_size", "views", "images_in_folder",
-                                       "timed_batches", "img_per_s", "views_per_s", "speedup_vs_torchvision"],
+    where = f"global {args.global_size}px, local {args.local_size}px x {args.local_crops}, precision {args.precision}"
+    notes = (f"data={root}; {where}; loaders built by build_train_data and read through TrainData.epoch; img/s "
+             "counts every view of an image; median of the turns (min, max beside), speedup = median of per-turn "
+             "ratios; cpu_ms_per_batch = CPU time of the whole process (all threads) per batch, worker processes "
+             "not counted" + ("; views moved to the GPU inside the timed loop" if cuda
+                              else "; CPU run: NOT a GPU figure"))
+    write_results("bench_data", rows, ["loader", "workers", "batch_size", "views", "view_dtype", "images_in_folder",
+                                       "timed_batches", "repeats", "img_per_s", "img_per_s_min", "img_per_s_max",
+                                       "views_per_s", "cpu_ms_per_batch", "speedup_vs_torchvision", "speedups"],
                   notes=notes, out_dir=args.out)
+    if args.profile and dali_available():
+        prof = profile_dali(args, root, dtype, n=max(args.batches, 10))
+        write_results("bench_data_profile", prof, ["stage", "cpu_ms_per_batch", "share_of_loader", "img_per_cpu_s"],
+                      notes=f"DALI CPU mode stage by stage, data={root}; {where}; {args.workers} DALI threads; CPU "
+                            "time of the process per batch, best of 3; each stage measured on top of the previous "
+                            "one and differenced. NOT a GPU figure", out_dir=args.out)
 
 
 if __name__ == "__main__":

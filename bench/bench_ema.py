@@ -5,7 +5,8 @@ the architecture (patch embed, cls/pos tokens, 12 blocks of qkv/proj/mlp 4x/Laye
 norm; head D -> 2048 -> 2048 -> 256 -> weight-normed 65536 with weight_g/weight_v).
 
 Bytes floor per element: read teacher (4 B) + read student (4 B fp32, 2 B bf16) + write teacher
-(4 B) = 12 B (fp32 student) / 10 B (bf16 student). "% of peak" = achieved GB/s over --peak-gbps.
+(4 B) = 12 B (fp32 student) / 10 B (bf16 student). "% of peak" = achieved GB/s over --peak-gbps, by
+default the device's datasheet HBM bandwidth from bench.common.device_peaks (H200 4800, H100 SXM 3350).
 
     python bench/bench_ema.py                      # GPU: vit_s and vit_b, fp32 and bf16 students
     python bench/bench_ema.py --tiny --out /tmp/r  # CPU: a scaled-down list (NOT GPU figures)
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import time_fn, write_results  # noqa: E402
+from bench.common import device_peaks, time_fn, write_results  # noqa: E402
 
 ARCHS = {  # name: (embed dim, depth, image size, patch size, head hidden, head bottleneck, out_dim)
     "vit_s": (384, 12, 224, 16, 2048, 256, 65536),
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="parameter lists to time (default: vit_s vit_b on CUDA, tiny on CPU)")
     p.add_argument("--student-dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--momentum", type=float, default=0.996)
-    p.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak for %% of peak (3350: H100 SXM)")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="HBM GB/s for %% of peak (default: the device's datasheet figure, bench.common.device_peaks)")
     p.add_argument("--chunk", type=int, default=None, help="Triton elements per program (default: kernel's)")
     p.add_argument("--block", type=int, default=None, help="Triton elements per loop step (default: kernel's)")
     p.add_argument("--tiny", action="store_true", help="scaled-down list only (what runs on CPU)")
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available()
+    peaks = device_peaks() if cuda else None
+    peak_gbps = args.peak_gbps or (peaks[0] if peaks else None)
     if not cuda:
         # CPU: Triton runs through its interpreter, which must be on before the kernel is defined.
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({
                     "model": model, "student": dname, "tensors": len(shapes), "Melem": numel / 1e6,
                     "method": name, "ms": ms, "GB/s": gbps,
-                    "% of peak": 100 * gbps / args.peak_gbps if cuda else None,
+                    "% of peak": 100 * gbps / peak_gbps if cuda and peak_gbps else None,
                     "x vs loop": None,
                     "launches (plan)": plan.num_launches if plan else None,
                     "kernels/update (profiler)": count_kernels(fn),
@@ -151,8 +155,11 @@ def main(argv: list[str] | None = None) -> None:
                 })
             for r in rows[-len(methods):]:
                 r["x vs loop"] = timings["per-param loop"] / r["ms"]
+    peak_note = ("none (CPU)" if not cuda else "none (device not in bench.common.DEVICE_PEAKS)" if not peak_gbps
+                 else f"{peak_gbps:g} GB/s (" + ("--peak-gbps" if args.peak_gbps else
+                                                 f"datasheet, {torch.cuda.get_device_name()}") + ")")
     notes = (f"bytes floor 12 B/elem (fp32 student) or 10 B/elem (bf16 student); % of peak against "
-             f"--peak-gbps={args.peak_gbps:g} GB/s (3350 = H100 SXM HBM3); momentum {m}; Triton chunk={chunk} "
+             f"{peak_note}; momentum {m}; Triton chunk={chunk} "
              f"block={block}; 'launches (plan)' = Triton launches per update from the plan; kernels/update "
              f"counted with torch.profiler (CUDA only); host us = Python + launch time of one call")
     if not cuda:

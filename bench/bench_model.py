@@ -8,14 +8,19 @@ One "image" = ``--n-global`` views of ``--global-size`` px + ``--n-local`` views
   xformers    DinoViT, xformers memory_efficient_attention, per resolution
   sdpa-packed DinoViT.forward_packed, sdpa on runs of equal-length sequences
   xf-packed   DinoViT.forward_packed, one xformers call with a BlockDiagonalMask
-A variant that cannot run here (no usable xformers, OOM) gets a row with the reason.
+  varlen-packed  DinoViT.forward_packed, one torch varlen_attn (flash / cuDNN) call per block
+  flex-packed DinoViT.forward_packed, one compiled flex_attention call per block (block mask)
+  auto-packed DinoViT.forward_packed with attn_backend="auto" (what the trainer runs by default)
+A variant that cannot run here (kernel not usable, OOM) gets a row with the reason.
+``x_sdpa`` = time of the ``sdpa`` (per-resolution) row / time of this row, same model and batch.
 
 FLOP count (multiply-add = 2 FLOPs), one view of N = 1 + (S/p)^2 tokens, width D, L blocks:
   patch embed     2 * (N - 1) * (3 p^2) * D
   per block       24 N D^2 (qkv 6, proj 2, mlp 16)  +  4 N^2 D (q k^T and attn v)
   DINO head       2 * (D h + h h + h b + b K), h = 2048, b = 256 (with --head)
 training step = 3 x forward (backward = 2 x forward); teacher forward, optimizer, loss not counted.
-MFU = counted FLOPs / time / --peak-tflops (default 989 = H100 SXM bf16 dense, no sparsity).
+MFU = counted FLOPs / time / --peak-tflops (default: the device's bf16 dense datasheet peak, see
+``peak_tflops``; none on CPU or an unlisted GPU, then no MFU column value).
 Attention microbenchmarks count the useful block-diagonal work only: forward 4 * H * Dh * sum_i N_i^2,
 forward+backward = 3.5 x forward (backward = 2.5 x forward: five matmuls vs two).
 
@@ -33,12 +38,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench import common
 from bench.common import peak_memory, time_fn, write_results
-from dino_fast.models import (ARCHS, DINOHead, MultiCropWrapper, PackedSeqlens, build_backbone,
-                              xformers_usable)
+from dino_fast.models import ARCHS, DINOHead, MultiCropWrapper, PackedSeqlens, build_backbone
+from dino_fast.models import attention as attention_mod
+from dino_fast.models import varlen as varlen_mod
 
-VARIANTS = ("timm", "sdpa", "xformers", "sdpa-packed", "xf-packed")
+VARIANTS = ("timm", "sdpa", "xformers", "sdpa-packed", "xf-packed", "varlen-packed", "flex-packed", "auto-packed")
+BACKEND_OF = {"sdpa": "sdpa", "xformers": "xformers", "sdpa-packed": "sdpa", "xf-packed": "xformers",
+              "varlen-packed": "varlen", "flex-packed": "flex", "auto-packed": "auto"}
 HEAD_HIDDEN, HEAD_BOTTLENECK = 2048, 256
+
+# bf16 dense tensor-core peaks (TFLOP/s, no sparsity; NVIDIA datasheets), first name match wins.
+# Fallback only: bench/common.py's device_peaks (one table for all benchmarks) is used when present.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """bf16 dense peak of ``device`` for MFU, or None (CPU, or a GPU in neither table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    shared = getattr(common, "device_peaks", None)
+    if shared is not None:
+        peaks = shared(name)
+        if peaks is not None:
+            return peaks[1]
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key.lower() in name.lower()), None)
 
 
 # --- FLOP counting -----------------------------------------------------------------------------
@@ -88,19 +114,20 @@ def build_variant(variant: str, arch: str, args: argparse.Namespace, device: tor
     if variant == "timm":
         backbone = timm_baseline(arch, args)
     else:
-        backend = "xformers" if variant.startswith("x") else "sdpa"
-        backbone = build_backbone(arch, patch_size=args.patch_size, attn_backend=backend, **kw)
+        backbone = build_backbone(arch, patch_size=args.patch_size, attn_backend=BACKEND_OF[variant], **kw)
     head = DINOHead(backbone.embed_dim, args.out_dim) if args.head else nn.Identity()
     return MultiCropWrapper(backbone, head, packed=variant.endswith("packed")).to(device)
 
 
 def skip_reason(variant: str, device: torch.device) -> str | None:
-    if variant.startswith("x"):
-        if device.type != "cuda":
-            return "xformers needs CUDA"
-        if not xformers_usable(torch.cuda.current_device()):
-            return "xformers kernels not usable with this build"
-    return None
+    """Why ``variant`` cannot run here (one line), or None."""
+    backend = BACKEND_OF.get(variant, variant)
+    if backend not in ("xformers", "varlen", "flex"):
+        return None
+    if device.type != "cuda":
+        return f"{backend} needs CUDA" + (" (no CPU backward)" if backend == "flex" else "")
+    problem = getattr(attention_mod, f"{backend}_problem")(torch.cuda.current_device())
+    return f"{backend}: {problem}" if problem else None
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -135,11 +162,12 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> list[dict[st
                 if reason is None:
                     try:
                         step = train_step_fn(model, make_views(args, batch, device), device)
+                        step()  # first call: kernel probes, flex compile, cuDNN plans
                         ms = time_fn(step, warmup=args.warmup, rep=args.rep)
                         tflops = step_flops(args, arch, batch) / (ms * 1e-3) / 1e12
                         mem = peak_memory(step)
                         row.update(ms=ms, img_s=batch / (ms * 1e-3), tflops=tflops,
-                                   mfu=tflops / args.peak_tflops if device.type == "cuda" else None,
+                                   mfu=tflops / args.peak_tflops if args.peak_tflops else None,
                                    peak_gib=None if mem is None else mem / 2**30)
                     except torch.OutOfMemoryError:
                         row["reason"] = "OOM"
@@ -148,6 +176,11 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> list[dict[st
                     row["reason"] = reason
                 rows.append(row)
             del model
+    for row in rows:  # speed-up over one sdpa pass per resolution, the official layout
+        base = next((r for r in rows if r["variant"] == "sdpa" and r["model"] == row["model"]
+                     and r["batch"] == row["batch"] and r.get("ms")), None)
+        if base and row.get("ms"):
+            row["x_sdpa"] = base["ms"] / row["ms"]
     return rows
 
 
@@ -163,7 +196,7 @@ def attention_inputs(arch: str, args: argparse.Namespace, batch: int, device: to
                for b, n in groups]
     seqs = PackedSeqlens([n for b, n in groups for _ in range(b)])
     packed = [torch.randn(1, seqs.total, heads, dh, device=device, dtype=dtype, requires_grad=True)
-              for _ in range(3)]
+              for _ in range(3)]  # (1, T, H, Dh): xformers' layout; [0] is varlen's (T, H, Dh)
     useful_fwd = 4 * heads * dh * sum(b * n * n for b, n in groups)
     return per_res, packed, seqs, useful_fwd
 
@@ -181,9 +214,27 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> list[dict
         xops = None
         if skip_reason("xformers", device) is None:
             import xformers.ops as xops
+        scale = packed[0].shape[-1] ** -0.5
+
+        def sdpa_runs():  # what the sdpa backend does with a packed row: one call per run of equal lengths
+            return [F.scaled_dot_product_attention(*(t[0, t0:t0 + c * n].view(c, n, *t.shape[2:]).transpose(1, 2)
+                                                     for t in packed)) for t0, _, c, n in seqs.runs]
+
+        def varlen_packed():
+            cu = seqs.cu_seqlens(device)
+            return [varlen_mod.varlen_attention(varlen_mod.get_varlen_attn(device), *(t[0] for t in packed), cu,
+                                                seqs.max_seqlen, scale)]
+
+        def flex_packed():
+            flex = varlen_mod.get_flex_attention(device)
+            return [flex(*(t.transpose(1, 2) for t in packed), block_mask=seqs.flex_block_mask(device), scale=scale)]
+
         cases: dict[str, tuple[Callable[[], Any], str | None]] = {
             "math per-res": (lambda: [math_attn(*qkv) for qkv in per_res], None),
             "sdpa per-res": (lambda: [F.scaled_dot_product_attention(*qkv) for qkv in per_res], None),
+            "sdpa packed runs": (sdpa_runs, None),
+            "varlen packed": (varlen_packed, skip_reason("varlen", device)),
+            "flex packed": (flex_packed, skip_reason("flex", device)),
             "xformers per-res": (lambda: [xops.memory_efficient_attention(*(t.transpose(1, 2) for t in qkv))
                                           for qkv in per_res], skip_reason("xformers", device)),
             "xformers packed": (lambda: [xops.memory_efficient_attention(*packed,
@@ -194,6 +245,7 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> list[dict
             row: dict[str, Any] = {"model": f"{arch}/{args.patch_size}", "variant": name, "batch": batch}
             if reason is None:
                 try:
+                    fn()  # first call: flex compile, cuDNN plans
                     fwd_ms = time_fn(lambda: fn(), warmup=args.warmup, rep=args.rep)
 
                     def fwd_bwd(fn=fn):
@@ -228,8 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--head", action="store_true", help="add the DINO head (out_dim --out-dim)")
     p.add_argument("--out-dim", type=int, default=65536 if cuda else 1024)
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="peak dense TFLOP/s for MFU (989 = H100 SXM bf16 dense)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense TFLOP/s for MFU (default: the device's bf16 dense datasheet peak, "
+                        "e.g. 989 for H100 SXM / H200, 312 for A100; none on CPU)")
     p.add_argument("--skip-attention", action="store_true", help="skip the attention microbenchmarks")
     p.add_argument("--warmup", type=int, default=1 if not cuda else 3, help="CPU warm-up calls")
     p.add_argument("--rep", type=int, default=3 if not cuda else 10, help="CPU timed calls")
@@ -242,16 +295,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.peak_tflops is None:
+        args.peak_tflops = peak_tflops(device)
     shape = (f"{args.n_global}x{args.global_size} + {args.n_local}x{args.local_size} px views per image, "
              f"patch {args.patch_size}" + (f", depth {args.depth}" if args.depth else ""))
     if device.type == "cpu":
         torch.set_num_threads(args.cpu_threads)
     precision = "bf16 autocast" if device.type == "cuda" else f"fp32 (CPU, {args.cpu_threads} thread(s))"
+    auto_line = attention_mod.describe_attention(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                                 ARCHS[args.archs[0]]["embed_dim"] // ARCHS[args.archs[0]]["num_heads"])
+    print(auto_line)
     rows = bench_models(args, device)
-    write_results("model", rows, ["model", "variant", "batch", "ms", "img_s", "tflops", "mfu", "peak_gib", "reason"],
+    peak = f"mfu vs --peak-tflops {args.peak_tflops:g} (bf16 dense)" if args.peak_tflops else "no mfu (no peak known)"
+    write_results("model", rows,
+                  ["model", "variant", "batch", "ms", "img_s", "x_sdpa", "tflops", "mfu", "peak_gib", "reason"],
                   notes=f"student forward+backward; {shape}; {precision}; tflops = counted FLOPs (formula in "
-                        f"bench/bench_model.py) / time; mfu vs --peak-tflops {args.peak_tflops:g} "
-                        f"(989 = H100 SXM bf16 dense)", out_dir=args.out)
+                        f"bench/bench_model.py) / time; {peak}; x_sdpa = sdpa per-resolution ms / this row's ms; "
+                        f"{auto_line}", out_dir=args.out)
     if not args.skip_attention:
         rows = bench_attention(args, device)
         write_results("model_attention", rows,

@@ -28,7 +28,7 @@ FLOPs per step (multiply-add = 2; bench/bench_model.py formula per view: patch e
 2 (N-1) 3 p^2 D + L (24 N D^2 + 4 N^2 D), N = 1 + (S/p)^2; head 2 (D h + h h + h b + b K)):
 student 3 x forward (backward = 2 x forward) over all 2 + n_local views, teacher 1 x forward over
 the 2 global views; loss, optimizer and EMA not counted. MFU = FLOPs / step time / --peak-tflops
-(default 989 = H100 SXM bf16 dense).
+(default: the datasheet peak of this GPU, bench.common.device_peaks).
 
     python bench/bench_train.py                       # GPU: ViT-S/16, 2x224 + 10x96, batch 64
     python bench/bench_train.py --data /imagenet/train --batch-size 128 --steps 50
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
 import os
 import sys
 import tempfile
@@ -55,7 +54,7 @@ if not torch.cuda.is_available():  # before any Triton kernel is defined: CPU ru
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.bench_model import vit_forward_flops  # noqa: E402
-from bench.common import write_results  # noqa: E402
+from bench.common import device_peaks, write_results  # noqa: E402
 
 PATHS = ("reference", "fast", "fast+compile")
 MODES = ("synthetic", "loader")
@@ -85,21 +84,19 @@ def path_overrides(path: str, cuda: bool) -> dict[str, Any]:
     if path == "reference":
         return dict(loss_impl="torch", ema_impl="foreach", attn_backend="sdpa", packed_multicrop=False,
                     compile=False)
-    from dino_fast.models import xformers_usable
-
-    attn = "xformers" if cuda and xformers_usable(torch.cuda.current_device()) else "sdpa"
-    return dict(loss_impl="triton", ema_impl="triton", attn_backend=attn, packed_multicrop=True,
+    # auto: the fastest packed kernel that runs here (varlen > xformers > flex > sdpa runs), logged
+    return dict(loss_impl="triton", ema_impl="triton", attn_backend="auto", packed_multicrop=True,
                 compile=path == "fast+compile")
 
 
-def build_config(args: argparse.Namespace, path: str, mode: str, data: Path, out: Path) -> Any:
+def build_config(args: argparse.Namespace, path: str, mode: str, data: Path, out: Path, batch: int) -> Any:
     from dino_fast.config import TrainConfig
 
     cuda = torch.cuda.is_available()
     base = dict(arch=args.arch, patch_size=args.patch_size, depth=args.depth or 0, out_dim=args.out_dim,
                 head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
                 global_crops_size=args.global_size, local_crops_size=args.local_size,
-                local_crops_number=args.n_local, batch_size_per_gpu=args.batch_size,
+                local_crops_number=args.n_local, batch_size_per_gpu=batch,
                 precision="bf16" if cuda else "fp32", freeze_last_layer=0,  # time the steady-state update
                 data_path=str(data), output_dir=str(out), num_workers=args.num_workers, progress=False,
                 data_backend="torchvision" if mode == "synthetic" else "auto",  # synthetic: loader never read
@@ -138,8 +135,8 @@ class PhaseTimer:
 def instrumented(trainer: Any, timer: PhaseTimer) -> Iterator[None]:
     """Phase marks inside ``Trainer.train_step`` without copying it: module hooks for the forwards
     and the loss, wrappers around the clip (start of the optimizer phase) and the EMA step."""
-    # the module, not the `train` function that dino_fast/__init__.py exports under the same name
-    train_mod = importlib.import_module("dino_fast.train")
+    import dino_fast.train as train_mod
+
     real_clip, real_ema = train_mod.clip_gradients_, trainer.ema.step
 
     def clip(*a: Any, **kw: Any) -> Any:
@@ -165,12 +162,13 @@ def instrumented(trainer: Any, timer: PhaseTimer) -> Iterator[None]:
 
 
 def batches(trainer: Any, mode: str, args: argparse.Namespace, device: torch.device) -> Iterator[list[torch.Tensor]]:
-    """Endless views: one fixed synthetic batch, or the trainer's loader epoch after epoch."""
+    """Endless views: one fixed synthetic batch (in the run's compute dtype, as DALI delivers), or
+    the trainer's loader epoch after epoch."""
     if mode == "synthetic":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         g = torch.Generator(device=device).manual_seed(0)
         sizes = [args.global_size] * 2 + [args.local_size] * args.n_local
-        views = [torch.randn(args.batch_size, 3, s, s, device=device, dtype=dtype, generator=g) for s in sizes]
+        batch = trainer.cfg.batch_size_per_gpu
+        views = [torch.randn(batch, 3, s, s, device=device, dtype=trainer.dtype, generator=g) for s in sizes]
         while True:
             yield views
     epoch = 0
@@ -199,14 +197,33 @@ def run_steps(trainer: Any, it: Iterator[list[torch.Tensor]], n: int, timer: Pha
     return time.perf_counter() - t0
 
 
-def bench_one(args: argparse.Namespace, path: str, mode: str, data: Path, device: torch.device) -> dict[str, Any]:
+def profile_steps(trainer: Any, it: Iterator[list[torch.Tensor]], n: int, top: int = 15) -> list[dict[str, Any]]:
+    """torch.profiler over ``n`` steps: the ``top`` kernels (CUDA) or ops (CPU) by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run_steps(trainer, it, n)
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events.sort(key=key, reverse=True)
+    total = sum(key(e) for e in events) or 1.0
+    return [{"kernel": e.key[:90], "calls_per_step": e.count / n, "ms_per_step": key(e) / n / 1e3,
+             "pct": 100.0 * key(e) / total} for e in events[:top]]
+
+
+def bench_one(args: argparse.Namespace, path: str, mode: str, data: Path, device: torch.device,
+              batch: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from dino_fast.train import Trainer
 
-    row: dict[str, Any] = {"mode": mode, "path": path, "batch": args.batch_size}
+    row: dict[str, Any] = {"mode": mode, "path": path, "batch": batch}
+    prof: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as out:
-        cfg = build_config(args, path, mode, data, Path(out))
-        row["attn"] = cfg.attn_backend + (" packed" if cfg.packed_multicrop else " per-res")
+        cfg = build_config(args, path, mode, data, Path(out), batch)
         trainer = Trainer(cfg, device=device)
+        row["attn"] = trainer.describe()[1].removeprefix("attention: ") + (
+            " packed" if cfg.packed_multicrop else " per-res")
         it = batches(trainer, mode, args, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -214,18 +231,20 @@ def bench_one(args: argparse.Namespace, path: str, mode: str, data: Path, device
         secs = run_steps(trainer, it, args.steps)
         step_s = secs / args.steps
         flops = step_flops(cfg)
-        row.update(img_s=args.batch_size / step_s, step_ms=step_s * 1e3, tflops=flops / step_s / 1e12,
-                   mfu=flops / step_s / 1e12 / args.peak_tflops if device.type == "cuda" else None,
+        row.update(img_s=batch / step_s, step_ms=step_s * 1e3, tflops=flops / step_s / 1e12,
+                   mfu=flops / step_s / 1e12 / args.peak_tflops if args.peak_tflops else None,
                    peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None)
         timer = PhaseTimer(device.type == "cuda")
         with instrumented(trainer, timer):
             run_steps(trainer, it, args.steps, timer)
         row.update(timer.per_step_ms(args.steps))
+        if args.profile:
+            prof = [{"mode": mode, "path": path, "batch": batch, **r} for r in profile_steps(trainer, it, args.profile)]
         del trainer, it
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return row
+    return row, prof
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -238,7 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="vit_small" if cuda else "vit_tiny")
     p.add_argument("--patch-size", type=int, default=16 if cuda else 8)
     p.add_argument("--depth", type=int, default=None if cuda else 2, help="override depth (CPU default 2)")
-    p.add_argument("--batch-size", type=int, default=64 if cuda else 4, help="images per step")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64] if cuda else [4],
+                   help="images per step, one row each (e.g. 64 128 256: the best batch that fits)")
     p.add_argument("--global-size", type=int, default=224 if cuda else 32)
     p.add_argument("--local-size", type=int, default=96 if cuda else 16)
     p.add_argument("--n-local", type=int, default=10 if cuda else 2)
@@ -249,8 +269,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsdp", action="store_true", help="run the FSDP2 code path (one rank)")
     p.add_argument("--warmup", type=int, default=10 if cuda else 1, help="untimed steps (compile happens here)")
     p.add_argument("--steps", type=int, default=20 if cuda else 2, help="timed steps (each of 2 passes)")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="peak dense TFLOP/s for MFU (989 = H100 SXM bf16 dense)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense bf16 TFLOP/s for MFU (default: bench.common.device_peaks of this GPU; "
+                        "H100 SXM / H200 989)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also run torch.profiler over N steps per row and write the top kernels (train_profile)")
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     return p.parse_args(argv)
@@ -259,6 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if args.peak_tflops is None and device.type == "cuda":
+        args.peak_tflops = (device_peaks() or (None, None))[1]
     if device.type == "cpu":
         torch.set_num_threads(args.cpu_threads)
     data = Path(args.data) if args.data else None
@@ -266,16 +291,21 @@ def main(argv: list[str] | None = None) -> None:
         from dino_fast.data.demo import make_demo_dataset
 
         data = make_demo_dataset() / "train"
-    rows = []
+    rows, prof = [], []
     for mode in args.modes:
         for path in args.paths:
-            try:
-                rows.append(bench_one(args, path, mode, data, device))
-            except torch.OutOfMemoryError:
-                rows.append({"mode": mode, "path": path, "batch": args.batch_size, "reason": "OOM"})
-                torch.cuda.empty_cache()
-    for row in rows:  # speed-up over the reference path of the same mode
-        ref = next((r for r in rows if r["mode"] == row["mode"] and r["path"] == "reference" and "img_s" in r), None)
+            for batch in args.batch_sizes:
+                try:
+                    row, top = bench_one(args, path, mode, data, device, batch)
+                    rows.append(row)
+                    prof += top
+                except torch.OutOfMemoryError:
+                    rows.append({"mode": mode, "path": path, "batch": batch, "reason": "OOM"})
+                    gc.collect()
+                    torch.cuda.empty_cache()
+    for row in rows:  # speed-up over the reference path of the same mode and batch
+        ref = next((r for r in rows if r["mode"] == row["mode"] and r["batch"] == row["batch"]
+                    and r["path"] == "reference" and "img_s" in r), None)
         if ref is not None and "img_s" in row:
             row["x_ref"] = row["img_s"] / ref["img_s"]
     shape = (f"{args.arch}/{args.patch_size}" + (f" depth {args.depth}" if args.depth else "") +
@@ -286,12 +316,17 @@ def main(argv: list[str] | None = None) -> None:
     notes = (f"one process{' (FSDP2 path, 1 rank)' if args.fsdp else ''}; {shape}; {precision}; "
              f"{args.warmup} warm-up + {args.steps} timed steps; loader data: {source}; tflops = counted FLOPs "
              f"(student 3x fwd all views + teacher fwd globals, formula in bench/bench_train.py) / step time; "
-             f"mfu vs --peak-tflops {args.peak_tflops:g}; phase ms from a second, instrumented pass")
+             f"mfu vs --peak-tflops {args.peak_tflops}; phase ms from a second, instrumented pass")
     if device.type == "cpu":
         notes += "; CPU: the fast path runs its Triton kernels in the interpreter, so its times mean nothing"
     columns = ["mode", "path", "attn", "batch", "img_s", "x_ref", "step_ms", "tflops", "mfu", "peak_gib",
                *[f"{p}_ms" for p in PHASES], "reason"]
     write_results("train", rows, columns, notes=notes, out_dir=args.out)
+    if prof:
+        write_results("train_profile", prof, ["mode", "path", "batch", "kernel", "calls_per_step", "ms_per_step", "pct"],
+                      notes=f"torch.profiler over {args.profile} steps per row (after the timed passes); self time "
+                            f"per kernel ({'CUDA' if device.type == 'cuda' else 'CPU ops'}), top 15 per row",
+                      out_dir=args.out)
 
 if __name__ == "__main__":
     main()

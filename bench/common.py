@@ -1,7 +1,11 @@
 """Shared benchmark plumbing: environment facts, timing, markdown table, JSON results.
 
 Every benchmark prints a markdown table and writes ``bench/results/<name>-<device>-<date>.json``
-and a ``.md`` twin holding the device, versions, git sha, command and date.
+and a ``.md`` twin holding the device, versions, git sha, command and date. ``device_peaks`` is the
+one table of datasheet peaks (memory bandwidth, bf16 dense FLOP/s) that "% of peak" and MFU use.
+
+Importing this module also lets a plain checkout run without an install (``PYTHONPATH=.`` on an
+offline GPU machine): ``kernels/`` is found as ``dino_fast.kernels`` when nothing else provides it.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -19,6 +24,40 @@ from typing import Any, Callable, Sequence
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Datasheet peaks, one place: (HBM GB/s, bf16 dense tensor TFLOP/s, no sparsity). Matched against
+# torch.cuda.get_device_name() word by word ('GH200' is not 'H200'), first hit wins, so a variant
+# precedes its family. Vendor figures, not measurements (a measured copy or matmul lands below
+# them); a device not listed gets no % of peak and no MFU.
+DEVICE_PEAKS: list[tuple[tuple[str, ...], float, float]] = [
+    (("h200", "nvl"), 4800.0, 835.0),
+    (("h200",), 4800.0, 989.0),                # 'NVIDIA H200' (SXM)
+    (("h100", "pcie"), 2000.0, 756.0),
+    (("h100", "nvl"), 3900.0, 835.0),
+    (("h100",), 3350.0, 989.0),                # 'NVIDIA H100 80GB HBM3' (SXM)
+    (("a100", "pcie", "80gb"), 1935.0, 312.0),
+    (("a100", "pcie"), 1555.0, 312.0),
+    (("a100", "40gb"), 1555.0, 312.0),         # 'NVIDIA A100-SXM4-40GB'
+    (("a100",), 2039.0, 312.0),                # 'NVIDIA A100-SXM4-80GB'
+    (("b200",), 8000.0, 2250.0),
+    (("l40s",), 864.0, 362.0),
+    (("l4",), 300.0, 121.0),
+]
+
+
+def device_peaks(name: str | None = None) -> tuple[float, float] | None:
+    """Datasheet ``(memory GB/s, bf16 dense TFLOP/s)`` of a GPU by name (default: the current CUDA
+    device), or None when it is not in ``DEVICE_PEAKS`` (or there is no GPU)."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    words = set(re.split(r"[\s_\-/]+", name.lower()))
+    for keys, gbps, tflops in DEVICE_PEAKS:
+        if all(k in words for k in keys):
+            return gbps, tflops
+    return None
 
 
 def _version(mod: str) -> str | None:
@@ -30,11 +69,20 @@ def _version(mod: str) -> str | None:
 
 
 def git_sha() -> str | None:
+    """Short sha of HEAD; where the checkout is a copy without .git (a GPU machine), the sha the
+    caller put in ``DINO_FAST_GIT_SHA`` (bench/suite.py passes it down)."""
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                                        stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:
-        return None
+        return os.environ.get("DINO_FAST_GIT_SHA") or None
+
+
+def command_line() -> str:
+    """This process's command as typed: ``python3 -m bench.bench_loss ...`` for a module run."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *head, *sys.argv[1:]])
 
 
 def env_info() -> dict[str, Any]:
@@ -49,7 +97,7 @@ def env_info() -> dict[str, Any]:
         "xformers": _version("xformers"),
         "python": platform.python_version(),
         "git_sha": git_sha(),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "command": command_line(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }

@@ -3,18 +3,25 @@
 The public API: the drop-in fused loss, the teacher EMA, the models, the trainer and
 its config, evaluation, and checkpoint interop.
 """
+from pathlib import Path as _Path
+
+# kernels/ sits beside dino_fast/ in the source tree and installs as dino_fast.kernels. A checkout
+# used through PYTHONPATH alone (no install, e.g. an offline GPU machine) finds it here too.
+if (_Path(__file__).parent.parent / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_Path(__file__).parent.parent))
+
 from dino_fast.config import ConfigError, TrainConfig, load_config
 from dino_fast.ema import TeacherEMA, update_teacher_
 from dino_fast.eval.knn import knn_classifier, knn_eval
 from dino_fast.loss import DINOLoss, dino_loss_reference
 from dino_fast.models import DINOHead, DinoViT, MultiCropWrapper, build_backbone, set_attn_backend
 from dino_fast.pretrained import load_pretrained
-from dino_fast.train import Trainer, train
+from dino_fast.train import Trainer, train_main
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DINOHead", "DINOLoss", "DinoViT", "MultiCropWrapper", "TeacherEMA", "TrainConfig", "Trainer",
     "build_backbone", "dino_loss_reference", "knn_classifier", "knn_eval", "load_config", "load_pretrained",
-    "set_attn_backend", "train", "update_teacher_",
+    "set_attn_backend", "train_main", "update_teacher_",
 ]

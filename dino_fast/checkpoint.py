@@ -1,50 +1,79 @@
-"""Checkpoints written atomically: a crash mid-save never leaves a torn checkpoint behind.
+"""One checkpointer for every run: torch.distributed.checkpoint (DCP) directories, written
+atomically, read safely.
 
-Two formats live side by side in ``<output_dir>/checkpoints/``:
+The trainer hands :class:`Checkpointer` a dict of Stateful parts (``state_dict()`` /
+``load_state_dict()``): student, teacher, optimizer, loss (center), train state (step, RNG, run
+plan, data position)... Each part is saved under its name; a new piece of training state is one
+more entry in that dict and nothing else.
 
-- single-process runs write one ``torch.save`` file per save, ``checkpoint-<step>.pth``; the
-  payload goes to a temporary file in the same folder, flushed and fsynced, then renamed over
-  the final name (rename is atomic on POSIX), so a file with the final name is always complete;
-- sharded (FSDP) runs write a torch.distributed.checkpoint directory ``step-<step>/``
-  (``dino_fast.dist_checkpoint``), built as ``step-<step>.tmp/`` and renamed once every rank
-  has written its shards; only directories holding DCP's ``.metadata`` count as complete.
+Layout of ``<output_dir>/checkpoints/``:
 
-``latest_checkpoint`` returns the newest complete checkpoint of either format and
-``prune_checkpoints`` keeps the newest few of both; any run can resume from either.
+- ``step-XXXXXXXX/``: DCP's ``.metadata`` plus one ``__<rank>_0.distcp`` per rank. One process
+  or many (FSDP2 shards are written by their ranks, nobody gathers the model), and any run
+  resumes from it whatever its world size (DCP reshards). The newest ``keep`` are kept.
+- ``snapshot-epochNNNN/``: the same files hard-linked, kept for good (``saveckp_freq``).
+- ``checkpoint-XXXXXXXX.pth``: the single-file format of earlier versions, read on resume by
+  :mod:`dino_fast.checkpoint_legacy` (a one-way converter), never written.
+
+Crash safety: every rank writes into ``step-XXXXXXXX.tmp/``; ``dcp.save`` returns once all
+ranks' files and ``.metadata`` (written last) are on disk (fsynced); rank 0 then renames the
+directory and fsyncs the parent; a barrier holds the other ranks until then. A directory with
+the final name is always complete; ``.tmp`` leftovers are ignored and removed.
+
+Safety: nothing read from a checkpoint can run code. DCP unpickles ``.metadata`` with plain
+``pickle`` and non-tensor values with ``torch.load(weights_only=False)``; here the metadata goes
+through an unpickler that only builds DCP's own metadata classes, non-tensor values through
+``torch.load(weights_only=True)``, and old ``.pth`` files through ``weights_only=True`` with an
+explicit allowlist. The format, keys and shapes are checked before any state is touched.
 """
 from __future__ import annotations
 
+import io
+import logging
 import os
-import random
+import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-__all__ = ["atomic_torch_save", "checkpoint_path", "latest_checkpoint", "prune_checkpoints", "fsync_dir",
-           "rng_state", "set_rng_state", "CHECKPOINT_FORMAT"]
+from dino_fast.distributed import barrier, get_rank, is_distributed
+from dino_fast.errors import CheckpointError
 
-CHECKPOINT_FORMAT = "dino_fast"
-_NAME = re.compile(r"^checkpoint-(\d+)\.pth$")
-_DIR_NAME = re.compile(r"^step-(\d+)$")
-_TMP_DIR_NAME = re.compile(r"^step-(\d+)\.tmp$")
+__all__ = ["Checkpointer", "Stateful", "FORMAT", "atomic_torch_save", "fsync_dir", "latest_checkpoint",
+           "read_checkpoint_values", "consolidate", "is_dcp_checkpoint", "safe_load_pth"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dino_fast-dcp-2"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEGACY_FILE = re.compile(r"^checkpoint-(\d+)\.pth$")
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ----------------------------------------------------------------------------- files
 def fsync_dir(path: str | Path) -> None:
     """Make renames/creations inside ``path`` durable."""
-    dir_fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temp file beside ``path``, fsync, then rename over ``path``."""
+    """torch.save to a temp file beside ``path``, fsync, then rename over ``path`` (exports)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp", dir=path.parent)
@@ -54,7 +83,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)  # make the rename itself durable
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -62,58 +91,277 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def checkpoint_path(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"checkpoint-{step:08d}.pth"
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    """A complete DCP directory (its ``.metadata`` is written last)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
 
 
 def _listed(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of both formats, oldest first (a DCP directory sorts after a file
-    of the same step)."""
+    """Complete resumable checkpoints (DCP step directories and legacy files), oldest first."""
     folder = Path(output_dir) / "checkpoints"
     if not folder.is_dir():
         return []
     found = []
     for p in folder.iterdir():
-        if m := _NAME.match(p.name):
-            found.append((int(m.group(1)), 0, p))
-        elif (m := _DIR_NAME.match(p.name)) and (p / ".metadata").is_file():
+        if (m := _STEP_DIR.match(p.name)) and (p / ".metadata").is_file():
             found.append((int(m.group(1)), 1, p))
+        elif m := _LEGACY_FILE.match(p.name):
+            found.append((int(m.group(1)), 0, p))
     return [(step, p) for step, _, p in sorted(found)]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint in ``output_dir``, file or DCP directory (temp files and
-    ``.tmp`` directories are never matched)."""
+    """The newest complete checkpoint in ``output_dir`` (temporary files never match)."""
     found = _listed(output_dir)
     return found[-1][1] if found else None
 
 
-def prune_checkpoints(output_dir: str | Path, keep: int = 2) -> None:
-    """Delete all but the newest ``keep`` checkpoints, and ``step-*.tmp`` directories left by
-    crashed sharded saves (call only when no save is in flight)."""
-    for _, p in _listed(output_dir)[:-keep]:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+# ----------------------------------------------------------------------------- safe reading
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, torch sizes/dtypes/layouts and paths; nothing else."""
+
+    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._MODULES and not name.startswith("__"):
+            obj = getattr(__import__(module, fromlist=[name]), name, None)
+            if isinstance(obj, type):
+                return obj
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}:
+            return getattr(__import__(module, fromlist=[name]), name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never needs")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        # weights_only: tensors, containers and numbers only; re-serialised, the base class can place it
+        obj = torch.load(value, map_location="cpu", weights_only=True)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        buf.seek(0)
+        super().load_bytes(read_item, buf)
+
+
+def _read_metadata(path: Path) -> Any:
+    try:
+        return _SafeReader(str(path)).read_metadata()
+    except Exception as e:  # random bytes, truncation, a crafted pickle
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    kw = dict(checkpoint_id=str(path), storage_reader=_SafeReader(str(path)), planner=_SafePlanner())
+    try:
+        if is_distributed():
+            dcp.load(state, **kw)
+            return
+        with warnings.catch_warnings():  # DCP warns that it runs without a process group: the intent
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
+            dcp.load(state, no_dist=True, **kw)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # truncated shards, a value that is not plain data, ...
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {first[:300]})") from None
+
+
+def read_checkpoint_values(path: str | Path, keys: dict[str, Any]) -> dict[str, Any]:
+    """Non-tensor values (``keys``: name -> placeholder) of a DCP checkpoint, read safely."""
+    path = Path(path)
+    present = _read_metadata(path).state_dict_metadata
+    missing = sorted(k for k in keys if k not in present)
+    if missing:
+        raise CheckpointError(f"{path} is not a dino_fast checkpoint (no {', '.join(missing[:3])})")
+    out = dict(keys)
+    _dcp_load(out, path)
+    return out
+
+
+def safe_load_pth(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` of a single file, with numpy's RNG-state arrays allowed
+    (old checkpoints hold ``np.random.get_state()``); one clear error for anything unreadable."""
+    import numpy as np
+
+    allowed = [np.ndarray, np.dtype, getattr(np, "_core", np).multiarray._reconstruct,
+               type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); only tensors, containers and "
+                              f"numbers are loaded") from None
+
+
+# ----------------------------------------------------------------------------- key checks
+def _flat_tensors(obj: Any, prefix: str) -> dict[str, Any]:
+    """DCP's flattened key -> tensor for the tensor leaves of a nested state dict."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flat_tensors(v, f"{prefix}.{k}"))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.update(_flat_tensors(v, f"{prefix}.{i}"))
+    elif isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    return out
+
+
+def check_fits(targets: dict[str, Any], metadata: Any, strict: set[str], path: Path, hint: str = "") -> None:
+    """Raise CheckpointError naming missing keys and shape mismatches before anything is loaded."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = metadata.state_dict_metadata
+    problems = []
+    for name, target in targets.items():
+        for key, t in _flat_tensors(target, name).items():
+            meta = saved.get(key)
+            if meta is None:
+                if name in strict:
+                    problems.append(f"{key} missing")
+            elif not isinstance(meta, TensorStorageMetadata):
+                problems.append(f"{key} is not a tensor there")
+            elif tuple(meta.size) != tuple(t.shape):
+                problems.append(f"{key}: checkpoint {tuple(meta.size)}, this model {tuple(t.shape)}")
+    for name in strict:
+        ours = set(_flat_tensors(targets[name], name))
+        extra = sorted(k for k in saved if k.startswith(name + ".") and k not in ours)
+        problems += [f"{k} unexpected" for k in extra]
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise CheckpointError(f"{path} does not fit this model: {'; '.join(problems[:4])}{more}{hint}")
+
+
+# ----------------------------------------------------------------------------- the checkpointer
+class Checkpointer:
+    """Saves and loads a dict of Stateful parts as DCP checkpoints in ``output_dir/checkpoints``.
+
+    ``strict`` names the parts whose keys must match exactly (the models); the others load
+    what the checkpoint has (e.g. no optimizer state for a parameter that never had a gradient).
+    A part may define ``load_targets(saved_keys)`` to shape what it loads into.
+    """
+
+    def __init__(self, output_dir: str | Path, keep: int = 2, strict: tuple[str, ...] = ("student", "teacher")):
+        self.folder = Path(output_dir) / "checkpoints"
+        self.keep, self.strict = keep, set(strict)
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step-{step:08d}"
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.folder.parent)
+
+    def save(self, parts: dict[str, Stateful], step: int, snapshot: str | None = None) -> Path:
+        """Collective: write every part into ``step-<step>/`` (via ``.tmp``); optionally hard-link it
+        as ``snapshot-<snapshot>/`` too; prune old step directories. Returns the final path."""
+        final = self.path(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed save of this step
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        barrier()
+        state = {name: part.state_dict() for name, part in parts.items()}
+        if is_distributed():
+            dcp.save(state, checkpoint_id=str(tmp))
         else:
-            p.unlink(missing_ok=True)
-    folder = Path(output_dir) / "checkpoints"
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if _TMP_DIR_NAME.match(p.name):
-                shutil.rmtree(p, ignore_errors=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+        if get_rank() == 0:
+            if final.exists():  # re-saving a step (resumed from an older checkpoint): replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
+            fsync_dir(final.parent)
+            if snapshot:
+                self._link(final, self.folder / f"snapshot-{snapshot}")
+            self._prune()
+        barrier()  # nobody moves on (or reads the checkpoint) before the rename
+        return final
+
+    @staticmethod
+    def _link(src: Path, dst: Path) -> None:
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in src.iterdir():
+            try:
+                os.link(f, tmp / f.name)  # same bytes, no copy
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+        fsync_dir(dst.parent)
+
+    def _prune(self) -> None:
+        steps = [p for _, p in _listed(self.folder.parent) if p.is_dir()]
+        for p in steps[:-self.keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, path: str | Path, parts: dict[str, Stateful], hint: str = "") -> None:
+        """Collective when distributed: check, then load the checkpoint directory ``path`` into
+        ``parts``. ``hint`` is appended to a mismatch error (which flags differ)."""
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if not is_dcp_checkpoint(path):
+            raise CheckpointError(f"{path} is not a complete checkpoint directory (no .metadata)")
+        metadata = _read_metadata(path)
+        saved = metadata.state_dict_metadata
+        if "train.format" not in saved:
+            raise CheckpointError(f"{path} is a DCP checkpoint but not a dino_fast training checkpoint")
+        fmt = read_checkpoint_values(path, {"train.format": ""})["train.format"]
+        if fmt != FORMAT:
+            raise CheckpointError(f"{path}: checkpoint format {fmt!r}, this version reads {FORMAT!r}")
+        targets = {}
+        for name, part in parts.items():
+            keys = {k[len(name) + 1:] for k in saved if k.startswith(name + ".")}
+            if not keys:
+                raise CheckpointError(f"{path} holds no '{name}' state")
+            targets[name] = part.load_targets(keys) if hasattr(part, "load_targets") else part.state_dict()
+        check_fits(targets, metadata, self.strict & set(parts), path, hint)
+        _dcp_load(targets, path)
+        for name, part in parts.items():
+            part.load_state_dict(targets[name])
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's torch / CUDA / numpy / python RNG states (saved with every checkpoint)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def consolidate(path: str | Path) -> dict[str, Any]:
+    """The full (unsharded) models of a checkpoint directory, read on one process into CPU memory:
+    ``{"student", "teacher", "dino_loss", "step", "config"}`` (the layout of an official DINO
+    training checkpoint), so ``dino_fast.load_pretrained(consolidate(path))`` gives the teacher.
+    Optimizer state and RNG streams are not read."""
+    import json
 
+    path = Path(path)
+    if not is_dcp_checkpoint(path):
+        raise CheckpointError(f"not a complete checkpoint directory (no .metadata): {path}")
+    saved = _read_metadata(path).state_dict_metadata
+    meta = read_checkpoint_values(path, {"train.format": "", "train.step": 0, "train.config": ""})
+    if meta["train.format"] != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta['train.format']!r}, this version reads {FORMAT!r}")
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    targets: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}, "loss": {}}
+    for key, m in saved.items():
+        name, _, rest = key.partition(".")
+        if name in targets and isinstance(m, TensorStorageMetadata):
+            targets[name][rest] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+    _dcp_load(targets, path)
+    return {"student": targets["student"], "teacher": targets["teacher"], "dino_loss": targets["loss"],
+            "step": int(meta["train.step"]), "config": json.loads(meta["train.config"])}

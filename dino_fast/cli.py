@@ -1,7 +1,8 @@
-"""``dino-fast``: train | demo | knn | linear | visualize | bench.
+"""``dino-fast``: train | demo | knn | linear | visualize | export | bench.
 
 Errors a user can fix (missing folder, bad config key, corrupt checkpoint...) print one
-line ``dino-fast: error: ...`` and exit with status 2, no traceback.
+line ``dino-fast: error: ...`` and exit with status 2, no traceback. A run stopped by SIGINT /
+SIGTERM saves, prints one line and exits with 128 + the signal (130 / 143).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from dino_fast.config import ConfigError, TrainConfig, load_config
+from dino_fast.config import OFFICIAL_FLAGS, ConfigError, TrainConfig, load_config
 
 __all__ = ["main"]
 
@@ -27,7 +28,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                                     f"or a preset name: {', '.join(sorted(x.stem for x in PRESETS.glob('*.yaml')))}")
     for f in dataclasses.fields(TrainConfig):
         typ = str(f.type)
-        kw: dict[str, Any] = {"default": None, "dest": f.name, "help": _doc(f.name)}
+        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        official = " [main_dino.py flag]" if f.name in OFFICIAL_FLAGS else ""
+        # default=None marks "not given" (so a --config file is not overridden); -h shows the real one
+        kw: dict[str, Any] = {"default": None, "dest": f.name,
+                              "help": f"{' '.join(_doc(f.name).split())} (default: {default!r}){official}"}
         if typ.startswith("tuple"):
             kw.update(nargs=2, type=float, metavar=("LOW", "HIGH"))
         elif typ == "bool":
@@ -55,14 +60,17 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     path = args.config
     if path and not Path(path).exists() and (PRESETS / f"{path}.yaml").exists():
         path = PRESETS / f"{path}.yaml"
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    if cfg.dist_url != "env://":
+        log.warning("--dist_url %s is ignored: torchrun's environment (MASTER_ADDR, MASTER_PORT) sets up the "
+                    "process group; launch with `torchrun --nproc_per_node N -m dino_fast train ...`", cfg.dist_url)
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dino_fast.train import Trainer
+    from dino_fast.train import train_main
 
-    cfg = _config_from_args(args)
-    summary = Trainer(cfg).fit()
+    summary = train_main(_config_from_args(args))
     log.info("done: %s", summary)
     return 0
 
@@ -99,22 +107,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_knn(args: argparse.Namespace) -> int:
-    from dino_fast.eval.knn import knn_eval
-    from dino_fast.pretrained import load_pretrained
-
-    model = load_pretrained(args.pretrained_weights, key=args.checkpoint_key)
-    res = knn_eval(model, args.train_path, args.val_path, args.image_size, ks=args.nb_knn, T=args.temperature,
-                   batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
-                   progress=True)
-    print("| k | top-1 | top-5 |\n|---|---|---|")
-    for k, (t1, t5) in res.items():
-        print(f"| {k} | {t1:.2f} | {t5:.2f} |")
-    return 0
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parent.parent / "bench" / f"bench_{args.what}.py"
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    script = bench / ("suite.py" if args.what == "all" else f"bench_{args.what}.py")
     if not script.exists():
         raise ConfigError(f"no benchmark {script} (bench/ ships with the source checkout)")
     return subprocess.call([sys.executable, str(script), *args.rest])
@@ -134,25 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(d)
     d.set_defaults(func=cmd_demo)
 
-    k = sub.add_parser("knn", help="weighted k-NN evaluation of pretrained weights")
-    k.add_argument("--pretrained_weights", required=True, help="checkpoint: dino_fast, official DINO or timm")
-    k.add_argument("--checkpoint_key", default="teacher")
-    k.add_argument("--train_path", required=True)
-    k.add_argument("--val_path", required=True)
-    k.add_argument("--image_size", type=int, default=224)
-    k.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200])
-    k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--batch_size", type=int, default=128)
-    k.add_argument("--num_workers", type=int, default=4)
-    k.add_argument("--cache_dir", default=None, help="cache extracted features here and reuse them")
-    k.set_defaults(func=cmd_knn)
-
-    b = sub.add_parser("bench", help="run bench/bench_<what>.py (loss, ema, model, data, train)")
+    b = sub.add_parser("bench", help="run bench/bench_<what>.py (loss, ema, model, data, train), or `all` "
+                                     "(bench/suite.py: every GPU figure in one results folder)")
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
 
-    for name, module in (("linear", "dino_fast.eval.linear"), ("visualize", "dino_fast.eval.visualize")):
+    for name, module in (("knn", "dino_fast.eval.knn"), ("linear", "dino_fast.eval.linear"),
+                         ("visualize", "dino_fast.eval.visualize"), ("export", "dino_fast.export")):
         # prefix_chars no option uses: every token goes to `rest`, for the module's own parser
         s = sub.add_parser(name, help=f"see `dino-fast {name} -h`", add_help=False, prefix_chars="\x00")
         s.add_argument("rest", nargs=argparse.REMAINDER)
@@ -168,12 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (logging.DEBUG if args.verbose else logging.INFO) if launch_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from dino_fast.errors import DinoFastError
+    from dino_fast.signals import Interrupted
 
     try:
         return int(args.func(args) or 0)
     except (DinoFastError, FileNotFoundError) as e:
         print(f"dino-fast: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"dino-fast: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

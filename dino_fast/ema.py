@@ -112,7 +112,7 @@ def _update_local_(teacher: list[torch.Tensor], student: list[torch.Tensor], mom
             _foreach_ema_(teacher, student, momentum)
 
 
-def _canonical_name(name: str) -> str:
+def canonical_name(name: str) -> str:
     parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
     if parts and parts[0] == "module":  # DistributedDataParallel
         parts = parts[1:]
@@ -159,8 +159,8 @@ class TeacherEMA:
 
     def refresh(self) -> None:
         """(Re)pair the parameters, re-read their local shards and re-pick the implementation."""
-        s_named = {_canonical_name(n): p for n, p in self.student.named_parameters()}
-        t_named = {_canonical_name(n): p for n, p in self.teacher.named_parameters()}
+        s_named = {canonical_name(n): p for n, p in self.student.named_parameters()}
+        t_named = {canonical_name(n): p for n, p in self.teacher.named_parameters()}
         only_s = sorted(s_named.keys() - t_named.keys())
         only_t = sorted(t_named.keys() - s_named.keys())
         names = [n for n in s_named if n in t_named]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Sequence
 
 import torch
 
-__all__ = ["has_triton", "triton_usable", "fused_dino_loss", "multi_tensor_ema_"]
+__all__ = ["has_triton", "triton_usable", "fused_dino_loss", "fused_dino_loss_from_probs", "fused_dino_head_loss",
+           "dino_loss_floor_bytes", "multi_tensor_ema_"]
 
 
 def has_triton() -> bool:
@@ -29,15 +31,53 @@ def triton_usable(device: torch.device | str) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def fused_dino_loss(*args, **kwargs):
-    """See :func:`dino_fast.kernels.dino_loss.fused_dino_loss`."""
+def fused_dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
+                    student_temp: float, teacher_temp: float, ncrops: int, n_global: int = 2, *,
+                    inplace: bool = False, block_k: int | None = None,
+                    split_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, teacher column sums); see :func:`dino_fast.kernels.dino_loss.fused_dino_loss`."""
     from dino_fast.kernels.dino_loss import fused_dino_loss as _f
 
-    return _f(*args, **kwargs)
+    return _f(student_output, teacher_output, center, student_temp, teacher_temp, ncrops, n_global,
+              inplace=inplace, block_k=block_k, split_k=split_k)
 
 
-def multi_tensor_ema_(*args, **kwargs):
-    """See :func:`dino_fast.kernels.ema.multi_tensor_ema_`."""
+def fused_dino_loss_from_probs(student_output: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float,
+                               ncrops: int, n_global: int = 2, *, inplace: bool = False,
+                               block_k: int | None = None, split_k: int | None = None) -> torch.Tensor:
+    """Loss with given teacher probabilities; see :func:`dino_fast.kernels.dino_loss.fused_dino_loss_from_probs`."""
+    from dino_fast.kernels.dino_loss import fused_dino_loss_from_probs as _f
+
+    return _f(student_output, teacher_probs, student_temp, ncrops, n_global, inplace=inplace, block_k=block_k,
+              split_k=split_k)
+
+
+def fused_dino_head_loss(student_feats: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor,
+                         center: torch.Tensor | None, student_temp: float, teacher_temp: float, ncrops: int,
+                         n_global: int = 2, *, chunk_images: int | None = None,
+                         compute_dtype: torch.dtype | None = None, block_k: int | None = None,
+                         split_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Last layer + loss without the logits; see :func:`dino_fast.kernels.dino_head_loss.fused_dino_head_loss`."""
+    from dino_fast.kernels.dino_head_loss import fused_dino_head_loss as _f
+
+    return _f(student_feats, weight, teacher, center, student_temp, teacher_temp, ncrops, n_global,
+              chunk_images=chunk_images, compute_dtype=compute_dtype, block_k=block_k, split_k=split_k)
+
+
+def dino_loss_floor_bytes(batch: int, ncrops: int, k: int, student_dtype: torch.dtype,
+                          teacher_dtype: torch.dtype | None = None, n_global: int = 2) -> int:
+    """Bytes floor of the fused loss; see :func:`dino_fast.kernels.dino_loss.dino_loss_floor_bytes`."""
+    from dino_fast.kernels.dino_loss import dino_loss_floor_bytes as _f
+
+    return _f(batch, ncrops, k, student_dtype, teacher_dtype, n_global)
+
+
+def multi_tensor_ema_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                      momentum: float | torch.Tensor, *, cache: dict | None = None, chunk: int | None = None,
+                      block: int | None = None) -> None:
+    """In-place teacher EMA; see :func:`dino_fast.kernels.ema.multi_tensor_ema_` (its chunk/block
+    defaults when None)."""
     from dino_fast.kernels.ema import multi_tensor_ema_ as _f
 
-    return _f(*args, **kwargs)
+    sizes = {name: value for name, value in (("chunk", chunk), ("block", block)) if value is not None}
+    _f(teacher, student, momentum, cache=cache, **sizes)

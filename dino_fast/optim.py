@@ -1,33 +1,93 @@
-"""Optimizer construction and the gradient edits of the official recipe."""
+"""Optimizer construction and the gradient edits of the official recipe.
+
+``build_optimizer`` mirrors official ``main_dino.py``: ``torch.optim.AdamW(params_groups)``,
+``torch.optim.SGD(params_groups, lr=0, momentum=0.9)`` or ``utils.LARS(params_groups)`` over
+the two groups of ``utils.get_params_groups`` (decayed weights; biases and norms without decay).
+"""
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "clip_gradients_", "cancel_last_layer_gradients_", "set_schedule_"]
+__all__ = ["LARS", "OPTIMIZERS", "param_groups", "build_optimizer", "clip_gradients_", "cancel_last_layer_gradients_",
+           "set_schedule_"]
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def param_groups(model: nn.Module) -> list[dict]:
-    """Two groups: decayed weights, and biases/norm parameters (1-D) with no weight decay."""
+    """Official ``utils.get_params_groups``: decayed weights, then biases and 1-D (norm)
+    parameters with no weight decay; frozen parameters left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_decay": True}]
 
 
-def build_optimizer(model: nn.Module, name: str = "adamw") -> torch.optim.Optimizer:
-    """AdamW (or SGD) over :func:`param_groups`; lr and wd are set every step by the schedules.
+class LARS(torch.optim.Optimizer):
+    """Official DINO ``utils.LARS`` (from Barlow Twins), value for value.
 
-    ``foreach`` keeps the update to a handful of kernels; ``fused`` is used on CUDA."""
+    Per parameter ``p`` with gradient ``dp``: if ``p.ndim != 1`` (not a bias or norm weight),
+    ``dp += weight_decay * p`` and ``dp *= eta * ||p|| / ||dp||`` (1 when either norm is 0);
+    then ``mu = momentum * mu + dp`` and ``p -= lr * mu``. 1-D parameters get neither decay
+    nor the trust ratio, whatever their group says. ``weight_decay_filter`` and
+    ``lars_adaptation_filter`` are kept for the official group layout and, as there, unused.
+    No host sync: the trust ratio stays on the device (``torch.where``)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 0, weight_decay: float = 0, momentum: float = 0.9,
+                 eta: float = 0.001, weight_decay_filter: Any = None, lars_adaptation_filter: Any = None) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                        weight_decay_filter=weight_decay_filter, lars_adaptation_filter=lars_adaptation_filter)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, g["eta"] * param_norm / update_norm, one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, name: str = "adamw") -> torch.optim.Optimizer:
+    """The official ``--optimizer`` over :func:`param_groups`; lr and wd are set every step by
+    the schedules (:func:`set_schedule_`).
+
+    ``adamw``: AdamW (official defaults; ``foreach`` on CPU, ``fused`` on CUDA, same math);
+    ``sgd``: ``SGD(groups, lr=0, momentum=0.9)``; ``lars``: :class:`LARS` (convnets, large batches)."""
     groups = param_groups(model)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, fused=on_cuda or None, foreach=None if on_cuda else True)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-    raise ValueError(f"unknown optimizer {name!r}: use adamw or sgd")
+    if name == "lars":
+        return LARS(groups)
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
 def set_schedule_(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
@@ -46,6 +106,9 @@ def clip_gradients_(model: nn.Module, clip: float) -> torch.Tensor | None:
     Sharded (FSDP2 ``DTensor``) gradients are clipped by the norm of the FULL parameter's
     gradient: the local squared norms of all of them are summed over the shard ranks in ONE
     all-reduce, then each shard is scaled by its parameter's factor.
+    Safe after ``GradScaler.unscale_(optimizer)`` (the official fp16 order: unscale, clip,
+    ``scaler.step``): it only rescales the already unscaled gradients in place; a step whose
+    gradients hold inf/NaN is skipped by ``scaler.step`` from the inf check ``unscale_`` recorded.
     Returns the per-parameter norms (for logging) or None when there is nothing to clip."""
     if clip <= 0:
         return None
@@ -93,7 +156,8 @@ def _full_norms(grads: list[torch.Tensor], dtensor: type) -> list[torch.Tensor]:
 
 
 def cancel_last_layer_gradients_(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
-    """During the first ``freeze_last_layer`` epochs the head's last layer is not updated."""
+    """Official ``utils.cancel_gradients_last_layer``: during the first ``freeze_last_layer``
+    epochs every parameter named ``*last_layer*`` loses its gradient (so it is not updated)."""
     if epoch >= freeze_last_layer:
         return
     for name, p in model.named_parameters():

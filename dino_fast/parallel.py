@@ -40,10 +40,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     and the pairing of student/teacher parameters ignore the wrapper's name segment."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 
-    blocks = _blocks(model)
-    for i, block in enumerate(blocks):
-        if not isinstance(block, CheckpointWrapper):
-            blocks[i] = checkpoint_wrapper(block)
+    for blocks in _block_lists(model):
+        for i, block in enumerate(blocks):
+            if not isinstance(block, CheckpointWrapper):
+                blocks[i] = checkpoint_wrapper(block)
 
 
 def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
@@ -75,16 +75,23 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None = None, reduce_
         mesh = _default_mesh(next(model.parameters()).device)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     trainable = any(p.requires_grad for p in model.parameters())
-    for block in _blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for blocks in _block_lists(model):
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model.backbone, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # DinoViT.forward returns the CLS rows as a view; FSDP warns in case the caller edits it in
     # place (that would skip its backward hook). MultiCropWrapper only concatenates it.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPDinoViT\) returned a view tensor")
-    register_fsdp_forward_method(model.backbone, "forward_packed")  # called directly, not via __call__
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(DinoViT|MultiCropWrapper)\) returned a view")
+    if hasattr(model.backbone, "forward_packed"):
+        register_fsdp_forward_method(model.backbone, "forward_packed")  # called directly, not via __call__
     # The head runs last in forward and first in backward: a trainable one stays gathered in between.
     fully_shard(model.head, mesh=mesh, mp_policy=policy, reshard_after_forward=not trainable)
+    if isinstance(getattr(model, "patch_head", None), nn.Module):  # iBOT's own patch head
+        fully_shard(model.patch_head, mesh=mesh, mp_policy=policy, reshard_after_forward=not trainable)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    for owner, method in ((model, "forward_train"), (model.backbone, "forward_tokens")):
+        if hasattr(owner, method):  # called directly, not via __call__
+            register_fsdp_forward_method(owner, method)
     # FSDP makes the first module to run forward the root. Fix it to the wrapper now: running
     # teacher.backbone alone first (k-NN before training) would otherwise make the backbone the
     # root and the next full forward fail. (No public API; skipped if torch renames it.)
@@ -149,12 +156,16 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(getattr(model, "backbone", None), "blocks", None)
-    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-        raise TypeError(f"expected model.backbone.blocks to be an nn.ModuleList/Sequential, got "
-                        f"{type(blocks).__name__}")
-    return blocks
+def _block_lists(model: nn.Module) -> list[nn.Module]:
+    """The containers of the backbone's repeated blocks: a ViT's ``blocks``, a ResNet's four stages."""
+    backbone = getattr(model, "backbone", None)
+    lists = [getattr(backbone, "blocks", None)]
+    if lists[0] is None:
+        lists = [getattr(backbone, f"layer{i}", None) for i in range(1, 5)]
+    if not all(isinstance(b, (nn.ModuleList, nn.Sequential)) for b in lists):
+        raise TypeError(f"expected model.backbone.blocks (a ViT) or layer1..layer4 (a ResNet), got "
+                        f"{type(backbone).__name__}")
+    return lists
 
 
 def _default_mesh(device: torch.device) -> Any:

@@ -1,12 +1,14 @@
-"""The compute dtype of a run, decided once (config ``precision``) and handed to autocast, the
-FSDP mixed-precision policy, the loader's view dtype and the evaluations."""
+"""Numerics of a run, decided once: the compute dtype (config ``precision``), handed to autocast, the
+FSDP mixed-precision policy, the loader's view dtype and the evaluations; and whether kernels
+must be deterministic (``configure_determinism``)."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
-__all__ = ["compute_dtype", "autocast"]
+__all__ = ["compute_dtype", "autocast", "configure_determinism"]
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -27,3 +29,15 @@ def autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def configure_determinism(enabled: bool) -> None:
+    """``deterministic: true``: deterministic algorithms everywhere (an op without one raises),
+    cuBLAS with a fixed workspace, cuDNN without autotuning. Call before the first CUDA kernel
+    (cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when its handle is created). Our Triton kernels are
+    deterministic either way (no atomics). Off: cuDNN autotunes (the official ``benchmark=True``)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled

@@ -1,4 +1,4 @@
-"""Load DINO ViT weights from any of the layouts in use, and export ours to them.
+"""Load DINO backbone weights (ViT or ResNet) from any of the layouts in use, and export ours to them.
 
 Accepted by :func:`load_pretrained` (told apart by content, not file name):
 
@@ -6,7 +6,10 @@ Accepted by :func:`load_pretrained` (told apart by content, not file name):
   "optimizer", "epoch", "args": argparse.Namespace, "dino_loss", ...}``; the
   student's keys carry DDP's ``module.`` prefix, both carry ``backbone.``/``head.``;
 - the official released backbone weights (``dino_deitsmall16_pretrain.pth`` ...):
-  a plain ViT state dict;
+  a plain ViT state dict; ``dino_resnet50_pretrain.pth``: a torchvision ResNet-50
+  state dict without ``fc`` (``conv1.weight``, ``bn1.*``, ``layer1.0.conv1.weight`` ...);
+  a ResNet run's official training checkpoint holds ``module.backbone.*`` for both
+  models (the teacher is DDP-wrapped too when the model has BatchNorm);
 - a timm ViT state dict (``.pth`` or ``.safetensors``), whose classifier
   ``head.*`` is dropped with a note;
 - dino_fast's own training checkpoints (``"format": "dino_fast"``).
@@ -19,7 +22,9 @@ else is unpickled. Every failure is one :class:`PretrainedError` line.
 The official, timm and dino_fast backbone key names coincide (``cls_token``,
 ``pos_embed``, ``patch_embed.proj.*``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,
 norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``), so the exports are the backbone's own
-state dict, checked against that key set and copied to the CPU.
+state dict, checked against that key set and copied to the CPU. The arch (ViT size,
+patch, depth, or ResNet depth) is read off the tensors. Writing the official training
+checkpoint layout is :mod:`dino_fast.official`.
 """
 from __future__ import annotations
 
@@ -38,19 +43,23 @@ import torch
 from torch import nn
 
 from dino_fast.errors import PretrainedError
-from dino_fast.models import ARCHS, DinoViT, build_backbone
+from dino_fast.models import ARCHS, build_backbone
+from dino_fast.models.resnet import (build_resnet, canonical_arch, infer_resnet_arch, is_resnet_arch,
+                                     is_resnet_state_dict)
+from dino_fast.official import save_official_checkpoint, to_official_checkpoint
 
-__all__ = ["PretrainedError", "load_pretrained", "load_checkpoint_file", "infer_vit_config", "detect_layout",
-           "backbone_state_dict", "export_timm_state_dict", "export_official_backbone", "timm_model_name",
-           "save_timm_state_dict", "save_official_backbone"]
+__all__ = ["PretrainedError", "load_pretrained", "load_backbone_weights_", "load_checkpoint_file", "infer_vit_config",
+           "detect_layout", "backbone_state_dict", "export_timm_state_dict", "export_official_backbone",
+           "timm_model_name", "save_timm_state_dict", "save_official_backbone", "to_official_checkpoint",
+           "save_official_checkpoint"]
 
 log = logging.getLogger(__name__)
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 # Prefixes that wrappers add in front of the backbone keys: DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Classifier weights of timm / DeiT models: not part of a DINO backbone.
-_CLASSIFIER_PREFIXES = ("head.", "head_dist.")
+# Classifier weights of timm / DeiT models and of a torchvision ResNet: not part of a DINO backbone.
+_CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc.")
 
 
 # --------------------------------------------------------------------------- reading files
@@ -149,7 +158,7 @@ def _select_state_dict(obj: Any, key: str, src: str) -> tuple[dict[str, torch.Te
             raise PretrainedError(f"{src}: entry {key!r} is not a state dict (non-tensor values at {bad[:3]})")
         return dict(sd), f"{what} [{key!r}]"
     candidates = sorted(k for k, v in obj.items() if isinstance(k, str) and _is_state_dict(v)
-                        and any(name.endswith("patch_embed.proj.weight") for name in v))
+                        and any(name.endswith(("patch_embed.proj.weight", "conv1.weight")) for name in v))
     if layout in ("dino_fast", "official_training") or candidates:
         raise PretrainedError(f"{src}: unknown key={key!r}; state dicts in this checkpoint: {candidates}")
     sample = sorted(map(str, obj))[:6]
@@ -230,23 +239,12 @@ def _check_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], src: str, desc
         raise PretrainedError(f"{src}: weights do not fit {desc}: " + "; ".join(problems))
 
 
-def load_pretrained(path_or_state_dict: str | os.PathLike | Mapping[str, Any], key: str = "teacher",
-                    arch: str | None = None, patch_size: int | None = None, attn_backend: str = "auto",
-                    depth: int | None = None) -> DinoViT:
-    """A :class:`DinoViT` backbone in eval mode holding the given weights; its forward
-    gives the (B, D) CLS features of the official ViT.
-
-    ``path_or_state_dict``: a file (``.pth``/``.pt``/``.safetensors``) or an already
-    loaded object, in any layout of the module docstring. ``key`` picks the model
-    of a training checkpoint ("teacher" or "student"; ignored for a plain state
-    dict). ``arch``/``patch_size`` are inferred from the tensors unless given; when
-    ``arch`` is given the model has that arch's depth unless ``depth`` is given,
-    otherwise the depth is the checkpoint's block count. Raises
-    :class:`PretrainedError` with one line naming the problem."""
+def _read(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[str, Any]:
+    """(description, loaded object) of a file, a sharded checkpoint folder or an in-memory dict."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         src = str(path_or_state_dict)
         if Path(path_or_state_dict).is_dir():  # a sharded (FSDP2 / DCP) training checkpoint
-            from dino_fast.dist_checkpoint import consolidate, is_dcp_checkpoint
+            from dino_fast.checkpoint import consolidate, is_dcp_checkpoint
 
             if not is_dcp_checkpoint(path_or_state_dict):
                 raise PretrainedError(f"{src} is a folder but not a dino_fast sharded checkpoint")
@@ -257,10 +255,78 @@ def load_pretrained(path_or_state_dict: str | os.PathLike | Mapping[str, Any], k
         src, obj = "<state dict>", path_or_state_dict
     else:
         raise TypeError(f"load_pretrained: expected a path or a state dict, got {type(path_or_state_dict).__name__}")
+    return src, obj
+
+
+def _fill_bn_counters(sd: dict[str, torch.Tensor], model: nn.Module, src: str) -> dict[str, torch.Tensor]:
+    """BatchNorm ``num_batches_tracked`` counters absent from ``sd`` (older torchvision files)
+    set to 0, which is what the model starts with; they never enter the forward."""
+    absent = [k for k in model.state_dict() if k.endswith("num_batches_tracked") and k not in sd]
+    if absent:
+        log.info("%s: no BatchNorm num_batches_tracked counters in the file, setting %d to 0", src, len(absent))
+        sd = dict(sd, **{k: torch.zeros((), dtype=torch.long) for k in absent})
+    return sd
+
+
+def _materialize(build: Any, sd: dict[str, torch.Tensor], src: str, what: str) -> nn.Module:
+    """``build()`` holding ``sd`` (keys checked first, fp32 copies), in eval mode."""
+    try:
+        # On the meta device first: checking keys costs no allocation and no random
+        # init (seconds for a ViT-B on CPU); the checkpoint tensors then become the weights.
+        with torch.device("meta"):
+            model = build()
+    except ValueError as e:
+        raise PretrainedError(f"{src}: cannot build {what}: {_one_line(e)}") from None
+    sd = _fill_bn_counters(sd, model, src)
+    _check_keys(model, sd, src, what)
+    saved = set(model.state_dict())
+    if all(n in saved for n, _ in (*model.named_parameters(), *model.named_buffers())):
+        # fp32 weights whatever the file holds; copies, so the caller's dict is never aliased
+        sd = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone() for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+    else:  # non-persistent buffers would stay on meta: build for real
+        model = build()
+        model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def load_pretrained(path_or_state_dict: str | os.PathLike | Mapping[str, Any], key: str = "teacher",
+                    arch: str | None = None, patch_size: int | None = None, attn_backend: str = "auto",
+                    depth: int | None = None) -> nn.Module:
+    """A backbone in eval mode holding the given weights: a :class:`DinoViT` whose forward
+    gives the (B, D) CLS features of the official ViT, or a torchvision ResNet with
+    ``fc = Identity`` giving the (B, 2048) pooled features (official convnet backbone).
+
+    ``path_or_state_dict``: a file (``.pth``/``.pt``/``.safetensors``) or an already
+    loaded object, in any layout of the module docstring. ``key`` picks the model
+    of a training checkpoint ("teacher" or "student"; ignored for a plain state
+    dict). ``arch`` (official aliases ``deit_*`` accepted) and ``patch_size`` are
+    inferred from the tensors unless given; when a ViT ``arch`` is given the model has
+    that arch's depth unless ``depth`` is given, otherwise the depth is the checkpoint's
+    block count. ``patch_size``/``attn_backend``/``depth`` do not apply to a ResNet.
+    Raises :class:`PretrainedError` with one line naming the problem."""
+    src, obj = _read(path_or_state_dict)
     sd, desc = _select_state_dict(obj, key, src)
     sd = _backbone_keys(sd, src)
-    if arch is not None and arch not in ARCHS:
-        raise PretrainedError(f"{src}: unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    if arch is not None:
+        try:
+            arch = canonical_arch(arch)
+        except ValueError as e:
+            raise PretrainedError(f"{src}: {e}") from None
+    if is_resnet_state_dict(sd) or (arch is not None and is_resnet_arch(arch)):
+        try:
+            found_resnet = infer_resnet_arch(sd)
+        except ValueError as e:
+            raise PretrainedError(f"{src}: {e}") from None
+        if arch is not None and not is_resnet_arch(arch):
+            raise PretrainedError(f"{src}: arch {arch!r} given but the weights are a {found_resnet}")
+        arch = arch or found_resnet
+        model = _materialize(partial(build_resnet, arch), sd, src, f"{arch} (torchvision, fc = Identity)")
+        log.info("loaded %s from %s as %s", desc, src, arch)
+        return model
+    if "mask_token" in sd:  # iBOT / DINOv2 masked-image-modelling input: never used by the forward
+        log.info("%s: dropping mask_token (masked-image-modelling training input)", src)
+        sd = {k: v for k, v in sd.items() if k != "mask_token"}
     found = infer_vit_config(sd, src)
     if depth is None:
         # A named arch means its standard model (missing blocks are reported);
@@ -273,25 +339,23 @@ def load_pretrained(path_or_state_dict: str | os.PathLike | Mapping[str, Any], k
         kw["mlp_ratio"] = found["mlp_ratio"]
     what = f"{arch}/{patch_size} (depth {depth}, {found['img_size']} px pos-embed)"
     build = partial(build_backbone, arch, patch_size, attn_backend=attn_backend, img_size=found["img_size"], **kw)
-    try:
-        # On the meta device first: checking keys costs no allocation and no random
-        # init (seconds for a ViT-B on CPU); the checkpoint tensors then become the weights.
-        with torch.device("meta"):
-            model = build()
-    except ValueError as e:
-        raise PretrainedError(f"{src}: cannot build {what}: {_one_line(e)}") from None
-    _check_keys(model, sd, src, what)
-    saved = set(model.state_dict())
-    if all(n in saved for n, _ in (*model.named_parameters(), *model.named_buffers())):
-        # fp32 weights whatever the file holds; copies, so the caller's dict is never aliased
-        sd = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone() for k, v in sd.items()}
-        model.load_state_dict(sd, strict=True, assign=True)
-    else:  # non-persistent buffers would stay on meta: build for real
-        model = build()
-        model.load_state_dict(sd, strict=True)
+    model = _materialize(build, sd, src, what)
     log.info("loaded %s from %s as %s", desc, src, what)
-    return model.eval()
+    return model
 
+
+def load_backbone_weights_(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                           key: str = "teacher") -> nn.Module:
+    """Load weights in any layout :func:`load_pretrained` reads into an already built
+    backbone (keys and shapes checked strictly; a ResNet's ``fc.*`` dropped); returns it.
+    For models built with options of their own (``hubconf``, ``drop_path_rate``)."""
+    src, obj = _read(path_or_state_dict)
+    sd, desc = _select_state_dict(obj, key, src)
+    sd = _fill_bn_counters(_backbone_keys(sd, src), model, src)
+    _check_keys(model, sd, src, type(model).__name__)
+    model.load_state_dict(sd, strict=True)
+    log.info("loaded %s from %s into %s", desc, src, type(model).__name__)
+    return model
 
 
 # --------------------------------------------------------------------------- export
@@ -301,10 +365,15 @@ def _is_backbone_key(k: str) -> bool:
                      r"^blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$", k))
 
 
+def _is_resnet_key(k: str) -> bool:
+    return bool(re.match(r"^(conv1\.weight|bn1\.\w+|layer[1-4]\.\d+\.(conv\d|bn\d|downsample\.[01])\.\w+)$", k))
+
+
 def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """The ViT backbone's weights under the shared official/timm key names, detached
-    CPU copies. Accepts the backbone or a module holding it as ``.backbone``
-    (MultiCropWrapper); ``module.``/``_orig_mod.`` prefixes (DDP, compile) are stripped."""
+    """The backbone's weights under the shared official/timm key names (ViT) or
+    torchvision's without ``fc`` (ResNet), detached CPU copies. Accepts the backbone or
+    a module holding it as ``.backbone`` (MultiCropWrapper); ``module.``/``_orig_mod.``
+    prefixes (DDP, compile) are stripped."""
     inner = getattr(backbone, "module", backbone)
     inner = getattr(inner, "_orig_mod", inner)
     inner = getattr(inner, "backbone", inner)
@@ -313,6 +382,13 @@ def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
     sd = inner.state_dict()
     for prefix in _WRAPPER_PREFIXES:
         sd = _strip_prefix(sd, prefix)
+    if is_resnet_state_dict(sd):
+        extra = sorted(k for k in sd if not _is_resnet_key(k))
+        if extra:
+            raise ValueError(f"{type(inner).__name__} is not a ResNet backbone with fc = Identity: keys "
+                             f"{_list(extra)}")
+        infer_resnet_arch(sd)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
     extra = sorted(k for k in sd if not _is_backbone_key(k))
     if extra or "pos_embed" not in sd:
         raise ValueError(f"{type(inner).__name__} is not a plain DINO ViT backbone: keys outside the official "
@@ -328,13 +404,17 @@ def export_timm_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_official_backbone(backbone: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict in the layout of the official released DINO backbone weights
-    (``dino_deitsmall16_pretrain.pth``), loadable by the official ``vit_small`` etc."""
+    (``dino_deitsmall16_pretrain.pth``, ``dino_resnet50_pretrain.pth``), loadable by the
+    official ``vit_small`` etc. or ``torchvision.models.resnet50()`` with ``fc = Identity``."""
     return backbone_state_dict(backbone)
 
 
 def timm_model_name(backbone: nn.Module) -> str:
-    """timm's model name for this backbone, e.g. ``vit_small_patch16_224``."""
-    cfg = infer_vit_config(backbone_state_dict(backbone), type(backbone).__name__)
+    """timm's model name for this backbone, e.g. ``vit_small_patch16_224`` or ``resnet50``."""
+    sd = backbone_state_dict(backbone)
+    if is_resnet_state_dict(sd):
+        return infer_resnet_arch(sd)
+    cfg = infer_vit_config(sd, type(backbone).__name__)
     return f"{cfg['arch']}_patch{cfg['patch_size']}_{cfg['img_size']}"
 
 

@@ -1,38 +1,32 @@
-"""Fused DINO loss: teacher softmax + cross-entropy over all (teacher, student) view pairs.
+"""Fused DINO loss, split over K: teacher softmax + cross-entropy over all (teacher, student) view pairs.
 
-Math (DESIGN.md, "Algebra the fused loss can use"). Rows are stacked view-major:
-student row ``v*B + b`` is view ``v`` (of V = ncrops) of image ``b``; teacher row ``i*B + b``
-is global view ``i`` (of G = n_global). With ``x = s / tau_s`` and
-``p_i = softmax((t_i - C) / tau_t)``, the teacher views paired with student view v are
-``T_v = {i < G : i != v}`` and
+Math (DESIGN.md, "Algebra the fused loss can use"). Student row ``v*B + b`` is view v (of V =
+ncrops) of image b; teacher row ``i*B + b`` is global view i (of G = n_global). With x = s / tau_s,
+p_i = softmax((t_i - C) / tau_t) (or given probabilities, e.g. Sinkhorn-Knopp's), T_v = {i < G,
+i != v}, P_{v,b} = sum_{i in T_v} p_{i,b}, scale = 1 / (n_pairs * B), n_pairs = G * (V - 1):
 
-    loss = scale * sum_{v,b} ( |T_v| * lse(x_{v,b}) - <P_{v,b}, x_{v,b}> ),   P_{v,b} = sum_{i in T_v} p_{i,b}
+    loss = scale * sum_{v,b} ( |T_v| * lse(x_{v,b}) - <P_{v,b}, x_{v,b}> )        (= the official DINOLoss)
     dloss/ds_{v,b} = scale * ( |T_v| * softmax(x_{v,b}) - P_{v,b} ) / tau_s
-    scale = 1 / (n_pairs * B),   n_pairs = sum_v |T_v| = G * (V - 1)
 
-which equals the official ``DINOLoss`` (mean over batch of -sum_k p log_softmax, averaged
-over pairs). The B x V x K student softmax is never stored.
+K is split into n_split = cdiv(K, split_k) column ranges, one per program; a row's softmax comes
+from its per-range partials (m_c, d_c) = (max, sum exp(x - m_c)): M = max_c m_c,
+D = sum_c d_c exp(m_c - M), lse = M + log D. Kernels (fp32 accumulation, int64 offsets):
+  1. ``_dino_row_stats_kernel``  grid (n_split, row blocks): (m_c, d_c) of x = (a - C) / tau; for
+     the teacher also its column sums per row block (center update; summed afterwards in a fixed
+     order, no atomics). Teacher: read G*B*K*et; student: read V*B*K*es.
+  2. ``_dino_grad_kernel``  grid (n_split, B): per (range, image), the G teacher probabilities of a
+     K block are rebuilt in registers (one exp per teacher element, shared by the V rows) and the
+     image's V student rows swept: gradient (student dtype, may overwrite the logits) and partial
+     loss -<P_v, x_v> (+ |T_v| lse_v in range 0).        read V*B*K*es + G*B*K*et, write V*B*K*es
+  3. backward: ``grad_scale.scale_`` multiplies the gradient by grad_output read on the device; when it
+     is 1 (``loss.backward()``) no memory is touched, and there is no host sync.
+No B x V x K buffer other than the gradient; the rest is O((V + G) * B * n_split).
 
-Kernels (all accumulate in fp32, offsets in int64):
-  1. ``_dino_teacher_stats_kernel``   one program per teacher row: online max / sum of
-     exp((t - C) / tau_t) over K blocks -> row max m and 1 / sum.       read  G*B*K*et
-  2. ``_dino_teacher_probs_kernel``   one program per (K block, row block): p = exp(x - m) / sum
-     stored in fp32, and column sums of t (for the center) per row block, reduced by torch
-     afterwards in a fixed order (deterministic, no atomics).            read  G*B*K*et, write G*B*K*4
-  3. ``_dino_student_kernel``         one program per student row (image-major order), two
-     sweeps over K: sweep 1 online max / sum of exp(x); sweep 2 softmax, P_v (masked loads of
-     the teacher probabilities of the other global views, so |T_v| is 1 or 2 for G = 2), the
-     gradient (stored in the input dtype) and <P_v, x>.
-                                   read 2*V*B*K*es + n_pairs*B*K*4 (before L2 reuse), write V*B*K*es
-  backward: grad *= grad_output in place.                  read V*B*K*es, write V*B*K*es
-Bytes floor of the whole op (what the benchmark's GB/s uses): read every student and teacher
-logit once and write every student gradient once = (2*V*B*K*es + G*B*K*et) bytes. The extra
-student sweep, the second teacher read and the fp32 probabilities are what this design pays on
-top (the probabilities of one image are re-read by its V student rows; programs run image-major so
-that these re-reads can hit in L2).
-
-The forward writes the gradient; backward only multiplies it by grad_output (in place; done
-even when grad_output is 1, since checking would be a host sync).
+Bytes floor of forward + backward (the benchmark's GB/s and % of floor; the one formula is
+:func:`dino_loss_floor_bytes`): read every student and teacher logit once, write every student
+gradient once = 2*V*B*K*es + G*B*K*et. This design moves 3*V*B*K*es + 2*G*B*K*et (the student is
+read twice: a gradient needs its row's lse first), a ceiling of (2S + T) / (3S + 2T) of the floor
+(~65 % at V=12, G=2, bf16).
 """
 from __future__ import annotations
 
@@ -43,125 +37,159 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fused_dino_loss", "DINOLossFunction", "dino_teacher_forward", "dino_student_forward"]
+from .grad_scale import scale_
+
+__all__ = ["fused_dino_loss", "fused_dino_loss_from_probs", "dino_loss_floor_bytes", "DINOLossFunction",
+           "dino_teacher_stats", "dino_student_forward", "TeacherStats"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_BLOCK_K = 4096  # largest K block of the row sweeps on GPU: 16 fp32 values per thread at 8 warps
-_MAX_BLOCK_K_INTERPRET = 16384  # the CPU interpreter pays per block op, not per element: fewer, larger blocks
+_INTERPRET_BLOCK_K = 16384  # the CPU interpreter pays per block op, not per element: few, large blocks
+_SPLIT_ALIGN = 1024  # GPU column ranges are multiples of this (and of every tuned BLOCK_K that divides it)
+_MIN_SPLIT = 2048  # below this a range is too short to amortise loading its row's statistics
+_PROGRAMS_PER_SM = 8  # enough programs in flight per SM to cover DRAM latency
 
 
 @triton.jit
-def _dino_teacher_stats_kernel(
-    T_ptr, T_stride,  # (G*B, K) teacher logits, fp32 / fp16 / bf16
-    C_ptr,  # (K,) fp32 center
-    Max_ptr, InvSum_ptr,  # (G*B,) fp32 outputs
-    K, inv_tau_t,
-    BLOCK_K: tl.constexpr,
+def _dino_row_stats_kernel(
+    X_ptr, X_stride,  # (R, K) logits, fp32 / fp16 / bf16
+    C_ptr,  # (K,) fp32 center (read when HAS_CENTER)
+    Max_ptr, Sum_ptr, Stat_stride,  # (R, n_split) fp32 outputs: max and sum of exp(x - max) per range
+    Part_ptr, Part_stride,  # (n_row_blocks, K) fp32 output: column sums of the logits (when COL_SUM)
+    R, K, split_k, inv_tau,
+    HAS_CENTER: tl.constexpr, COL_SUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Per teacher row: m = max_k x_k and 1 / sum_k exp(x_k - m), x = (t - C) / tau_t."""
-    row = tl.program_id(0).to(tl.int64)
-    t_row = T_ptr + row * T_stride
-    offs = tl.arange(0, BLOCK_K)
-    # 1. online max / sum over K blocks; masked lanes are -inf so they add exp(-inf) = 0
-    m = float("-inf")
-    d = 0.0
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs
-        mask = k < K
-        t = tl.load(t_row + k, mask=mask, other=float("-inf")).to(tl.float32)
-        c = tl.load(C_ptr + k, mask=mask, other=0.0)
-        x = (t - c) * inv_tau_t
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-    # 2. store max and 1/sum (not lse: exp(x - lse) would lose ~ulp(lse) relative precision)
-    tl.store(Max_ptr + row, m)
-    tl.store(InvSum_ptr + row, 1.0 / d)
-
-
-@triton.jit
-def _dino_teacher_probs_kernel(
-    T_ptr, T_stride,  # (R, K) teacher logits, R = G*B
-    C_ptr,  # (K,) fp32 center
-    Max_ptr, InvSum_ptr,  # (R,) fp32 from the stats kernel
-    P_ptr, P_stride,  # (R, K) fp32 output probabilities
-    Part_ptr,  # (n_row_blocks, K) fp32 output: column sums of t per row block
-    R, K, rows_per_prog, inv_tau_t,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """p = exp(x - m) / sum for a (rows_per_prog, BLOCK_K) slab; column sums of t over the slab."""
+    """Per (row, K range): m = max x, d = sum exp(x - m), x = (a - C) * inv_tau; column sums of a."""
     pid_k = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = k < K
-    c = tl.load(C_ptr + k, mask=k_mask, other=0.0)
-    col = tl.zeros([BLOCK_K], dtype=tl.float32)
-    r_start = pid_r * rows_per_prog
-    for r0 in range(0, rows_per_prog, BLOCK_R):
-        # 1. load a (BLOCK_R, BLOCK_K) tile of logits and its rows' statistics
-        r = r_start + r0 + tl.arange(0, BLOCK_R)
-        r_mask = r < R
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < R
+    offs = tl.arange(0, BLOCK_K)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    d = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, split_k, BLOCK_K):
+        # 1. a (BLOCK_R, BLOCK_K) tile; masked lanes load 0 (neutral for the column sums)
+        k = pid_k * split_k + k0 + offs
+        k_mask = (k < K) & (k0 + offs < split_k)
         mask = r_mask[:, None] & k_mask[None, :]
-        t = tl.load(T_ptr + r[:, None] * T_stride + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(Max_ptr + r, mask=r_mask, other=0.0)
-        inv_d = tl.load(InvSum_ptr + r, mask=r_mask, other=0.0)
-        # 2. probabilities, stored in fp32 for the student sweep
-        p = tl.exp((t - c[None, :]) * inv_tau_t - m[:, None]) * inv_d[:, None]
-        tl.store(P_ptr + r[:, None] * P_stride + k[None, :], p, mask=mask)
-        # 3. column sums for the center (masked lanes loaded as 0)
-        col += tl.sum(t, axis=0)
-    tl.store(Part_ptr + pid_r * K + k, col, mask=k_mask)
+        a = tl.load(X_ptr + r[:, None] * X_stride + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_CENTER:
+            c = tl.load(C_ptr + k, mask=k_mask, other=0.0)
+            x = (a - c[None, :]) * inv_tau
+        else:
+            x = a * inv_tau
+        # 2. online max / sum; columns outside the range are -inf (add exp(-inf) = 0). Rows past R
+        #    keep finite values and are never stored. The range's first block always has a column < K.
+        x = tl.where(k_mask[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+        # 3. column sums of this row block: each (row block, column) is written once
+        if COL_SUM:
+            tl.store(Part_ptr + pid_r * Part_stride + k, tl.sum(a, axis=0), mask=k_mask)
+    tl.store(Max_ptr + r * Stat_stride + pid_k, m, mask=r_mask)
+    tl.store(Sum_ptr + r * Stat_stride + pid_k, d, mask=r_mask)
 
 
 @triton.jit
-def _dino_student_kernel(
+def _combine_stats(Max_ptr, Sum_ptr, row, Stat_stride, n_split, NS_PAD: tl.constexpr):
+    """(M, 1/D) of one row from its per-range partials (masked ranges: m = -inf, d = 0)."""
+    cs = tl.arange(0, NS_PAD)
+    ms = tl.load(Max_ptr + row * Stat_stride + cs, mask=cs < n_split, other=float("-inf"))
+    ds = tl.load(Sum_ptr + row * Stat_stride + cs, mask=cs < n_split, other=0.0)
+    big_m = tl.max(ms, axis=0)
+    return big_m, 1.0 / tl.sum(ds * tl.exp(ms - big_m), axis=0)
+
+
+@triton.jit
+def _dino_grad_kernel(
     S_ptr, S_stride,  # (V*B, K) student logits
-    P_ptr, P_stride,  # (G*B, K) fp32 teacher probabilities
+    SMax_ptr, SSum_ptr, SStat_stride,  # (V*B, n_split_s) student partial stats
+    T_ptr, T_stride,  # teacher logits, or fp32 probabilities when TEACHER_PROBS; row i*T_rows + T_off + b
+    C_ptr,  # (K,) fp32 center
+    TMax_ptr, TSum_ptr, TStat_stride,  # teacher partial stats, rows as T
     G_ptr, G_stride,  # (V*B, K) gradient output, student dtype (may alias S_ptr)
-    Loss_ptr,  # (V*B,) fp32 output: unscaled loss of each student row
-    B, V, K, inv_tau_s, grad_scale,
-    N_GLOBAL: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    Loss_ptr, Loss_stride,  # (B, n_split) fp32 output: partial loss per (image, range), unscaled
+    B, V, K, split_k, T_rows, T_off, n_split_s, n_split_t, inv_tau_s, inv_tau_t, grad_scale,
+    N_GLOBAL: tl.constexpr, G_PAD: tl.constexpr, NS_S_PAD: tl.constexpr, NS_T_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr, TEACHER_PROBS: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):
-    """Per student row: |T_v| * lse(x) - <P_v, x> and grad = scale * (|T_v| softmax(x) - P_v) / tau_s."""
-    # image-major program order: the V programs of one image run together, so the teacher
-    # probabilities of that image are read from DRAM once and then hit in L2
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // V
-    v = pid % V
-    row = v * B + b
-    s_row = S_ptr + row * S_stride
-    g_row = G_ptr + row * G_stride
+    """Per (K range, image): P_v, -<P_v, x_v> and grad_v = scale * (|T_v| softmax(x_v) - P_v) / tau_s."""
+    pid_k = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    gi = tl.arange(0, G_PAD)
+    g_mask = gi < N_GLOBAL
+    t_row = tl.minimum(gi, N_GLOBAL - 1).to(tl.int64) * T_rows + T_off + b  # pad rows alias a real one
+    # 1. combined statistics of the image's G teacher rows (no softmax needed for given probabilities)
+    if not TEACHER_PROBS:
+        cs = tl.arange(0, NS_T_PAD)
+        st_off = t_row[:, None] * TStat_stride + cs[None, :]
+        st_mask = (cs < n_split_t)[None, :]
+        tms = tl.load(TMax_ptr + st_off, mask=st_mask, other=float("-inf"))
+        t_max = tl.max(tms, axis=1)
+        t_inv = 1.0 / tl.sum(tl.load(TSum_ptr + st_off, mask=st_mask, other=0.0) * tl.exp(tms - t_max[:, None]),
+                             axis=1)
     offs = tl.arange(0, BLOCK_K)
-    # global views pair with the other G-1 globals, local views with all G
-    n_teacher = N_GLOBAL - (v < N_GLOBAL).to(tl.float32)
-    # 1. sweep 1: online max / sum of exp(x), x = s / tau_s
-    m = float("-inf")
-    d = 0.0
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs
-        mask = k < K
-        x = tl.load(s_row + k, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau_s
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-    inv_d = 1.0 / d
-    # 2. sweep 2: P_v, <P_v, x> and the gradient
-    dot = 0.0
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs
-        mask = k < K
-        x = tl.load(s_row + k, mask=mask, other=0.0).to(tl.float32) * inv_tau_s
-        pv = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for i in tl.static_range(N_GLOBAL):
-            # the own view (i == v) is masked off: no memory traffic, adds 0
-            pv += tl.load(P_ptr + (i * B + b) * P_stride + k, mask=mask & (v != i), other=0.0)
-        dot += tl.sum(pv * x, axis=0)
-        if WRITE_GRAD:
-            softmax = tl.exp(x - m) * inv_d
-            g = (n_teacher * softmax - pv) * (inv_tau_s * grad_scale)
-            tl.store(g_row + k, g.to(G_ptr.dtype.element_ty), mask=mask)
-    # 3. row loss; lse = m + log(sum)
-    tl.store(Loss_ptr + row, n_teacher * (m + tl.log(d)) - dot)
+    loss = 0.0
+    for k0 in range(0, split_k, BLOCK_K):
+        k = pid_k * split_k + k0 + offs
+        k_mask = (k < K) & (k0 + offs < split_k)
+        tk_mask = g_mask[:, None] & k_mask[None, :]
+        # 2. the G teacher probabilities of this block, kept in registers for all V student rows
+        t = tl.load(T_ptr + t_row[:, None] * T_stride + k[None, :], mask=tk_mask, other=0.0).to(tl.float32)
+        if TEACHER_PROBS:
+            p = t
+        else:
+            c = tl.load(C_ptr + k, mask=k_mask, other=0.0)
+            p = tl.exp((t - c[None, :]) * inv_tau_t - t_max[:, None]) * t_inv[:, None]
+            p = tl.where(tk_mask, p, 0.0)
+        for v in range(V):
+            # 3. P_v sums the other views' probabilities (the own view i == v is left out)
+            pv = tl.sum(tl.where(gi[:, None] != v, p, 0.0), axis=0)
+            row = v * B + b
+            x = tl.load(S_ptr + row * S_stride + k, mask=k_mask, other=0.0).to(tl.float32) * inv_tau_s
+            loss -= tl.sum(pv * x, axis=0)
+            if WRITE_GRAD:
+                # 4. softmax from the row's combined statistics (a few floats, cached)
+                s_max, s_inv = _combine_stats(SMax_ptr, SSum_ptr, row, SStat_stride, n_split_s, NS_S_PAD)
+                n_teacher = tl.where(v < N_GLOBAL, N_GLOBAL - 1.0, N_GLOBAL * 1.0)
+                g = (n_teacher * tl.exp(x - s_max) * s_inv - pv) * (inv_tau_s * grad_scale)
+                tl.store(G_ptr + row * G_stride + k, g.to(G_ptr.dtype.element_ty), mask=k_mask)
+    # 5. range 0 adds |T_v| * lse_v of the image's V rows
+    if pid_k == 0:
+        for v in range(V):
+            s_max, s_inv = _combine_stats(SMax_ptr, SSum_ptr, v * B + b, SStat_stride, n_split_s, NS_S_PAD)
+            loss += tl.where(v < N_GLOBAL, N_GLOBAL - 1.0, N_GLOBAL * 1.0) * (s_max - tl.log(s_inv))
+    tl.store(Loss_ptr + b * Loss_stride + pid_k, loss)
+
+
+# ----------------------------------------------------------------------------- tuning (GPU only)
+
+def _prune(configs, named_args, **kwargs):
+    """Blocks no longer than the range; multi-row tiles of at most 4096 elements on 8 warps (larger
+    ones need > 128 registers per thread on sm_90, by ptxas)."""
+    split_k = kwargs.get("split_k", named_args.get("split_k"))
+    block_r = kwargs.get("BLOCK_R", 1)
+    keep = [c for c in configs if c.kwargs["BLOCK_K"] <= split_k
+            and (block_r == 1 or (c.kwargs["BLOCK_K"] * block_r <= 4096 and c.num_warps == 8))]
+    return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_K"], -c.num_warps))]
+
+
+def _configs(*pairs: tuple[int, int]) -> list[triton.Config]:
+    """(BLOCK_K, num_warps) pairs; none above ~100 registers per thread on sm_90 (ptxas)."""
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in pairs]
+
+
+# keyed on K, the range length, the rows per tile (teacher and student tiles differ) and, by Triton,
+# the tensors' dtypes; results also cached on disk
+_row_stats_tuned = triton.autotune(_configs((512, 4), (512, 8), (1024, 4), (1024, 8), (2048, 8), (4096, 8), (8192, 16)),
+                                   key=["K", "split_k", "BLOCK_R"],
+                                   prune_configs_by={"early_config_prune": _prune},
+                                   cache_results=True)(_dino_row_stats_kernel)
+_grad_tuned = triton.autotune(_configs((512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 16)),
+                              key=["K", "split_k", "V"],
+                              prune_configs_by={"early_config_prune": _prune},
+                              restore_value=["G_ptr"],  # the gradient may overwrite the logits
+                              cache_results=True)(_dino_grad_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -172,17 +200,45 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _pick_block_k(k: int, block_k: int | None, device: torch.device, gpu_cap: int = _MAX_BLOCK_K) -> int:
-    if block_k is not None:
-        if isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 1 or block_k & (block_k - 1):
-            raise ValueError(f"block_k must be a positive power of two, got {block_k!r}")
-        return block_k
-    cap = gpu_cap if device.type == "cuda" else _MAX_BLOCK_K_INTERPRET
-    return min(triton.next_power_of_2(k), cap)
+@dataclass(frozen=True)
+class _Plan:
+    """Columns per program and K block of one launch; ``tuned``: let triton.autotune pick BLOCK_K."""
+    split_k: int
+    block_k: int
+    tuned: bool
+
+    def n_split(self, k: int) -> int:
+        return triton.cdiv(k, self.split_k)
 
 
-def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+def _plan(k: int, units: int, device: torch.device, block_k: int | None, split_k: int | None) -> _Plan:
+    """``units`` programs per column range (row blocks or images). GPU: ranges sized so that the
+    grid fills every SM ~8 times; BLOCK_K autotuned unless given. Interpreter: one range, few blocks."""
+    if block_k is not None and (isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 1
+                                or block_k & (block_k - 1)):
+        raise ValueError(f"block_k must be a positive power of two, got {block_k!r}")
+    if split_k is not None:
+        if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+            raise ValueError(f"split_k must be a positive integer, got {split_k!r}")
+        return _Plan(split_k, block_k or min(triton.next_power_of_2(split_k), _INTERPRET_BLOCK_K), False)
+    if device.type != "cuda":
+        block = block_k or min(triton.next_power_of_2(k), _INTERPRET_BLOCK_K)
+        return _Plan(triton.cdiv(k, block) * block, block, False)
+    target = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    n_split = max(1, min(triton.cdiv(target, units), k // _MIN_SPLIT))
+    split = triton.cdiv(triton.cdiv(k, n_split), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return _Plan(split, block_k or 0, block_k is None)
+
+
+def _launch(kernel, tuned, plan: _Plan, grid, *args, **meta) -> None:
+    if plan.tuned:
+        tuned[grid](*args, **meta)
+    else:
+        kernel[grid](*args, BLOCK_K=plan.block_k, num_warps=8 if plan.block_k >= 2048 else 4, **meta)
+
+
+def _pad(n: int) -> int:  # a power-of-two tile length >= n (>= 2)
+    return max(2, triton.next_power_of_2(n))
 
 
 def _check_2d_float(name: str, t: torch.Tensor) -> None:
@@ -194,99 +250,92 @@ def _check_2d_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-def _count(name: str, value: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-
-
-def _positive(name: str, value: float) -> float:
-    value = float(value)
-    if not value > 0.0:
+def _inverse(name: str, value: float) -> float:
+    if not float(value) > 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
-    return value
+    return 1.0 / float(value)
 
 
-def dino_teacher_forward(teacher_output: torch.Tensor, center: torch.Tensor, teacher_temp: float,
-                         block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher probabilities softmax((t - C) / tau_t) (R, K) fp32 and column sums of t (K,) fp32.
+@dataclass(frozen=True)
+class TeacherStats:
+    """Per-range softmax partials of the centered teacher logits, their column sums, the center."""
+    max: torch.Tensor  # (G*B, n_split) fp32
+    sum: torch.Tensor  # (G*B, n_split) fp32
+    col_sum: torch.Tensor  # (K,) fp32
+    center: torch.Tensor  # (K,) fp32, contiguous
+    inv_tau: float
 
-    Reads the teacher logits twice (stats, then probabilities + column sums)."""
+
+def _row_stats(x: torch.Tensor, inv_tau: float, plan: _Plan, center: torch.Tensor | None = None,
+               block_r: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    rows, k = x.shape
+    n_split, n_rb = plan.n_split(k), triton.cdiv(rows, block_r)
+    stat_max = _empty((rows, n_split), torch.float32, x.device)
+    stat_sum = _empty((rows, n_split), torch.float32, x.device)
+    part = _empty((n_rb, k), torch.float32, x.device) if center is not None else None
+    _launch(_dino_row_stats_kernel, _row_stats_tuned, plan, (n_split, n_rb), x, x.stride(0),
+            center if center is not None else stat_max, stat_max, stat_sum, n_split,
+            part if part is not None else stat_max, k, rows, k, plan.split_k, inv_tau,
+            HAS_CENTER=center is not None, COL_SUM=center is not None, BLOCK_R=block_r)
+    col_sum = None if part is None else part[0] if n_rb == 1 else part.sum(dim=0)  # fixed order: deterministic
+    return stat_max, stat_sum, col_sum
+
+
+def dino_teacher_stats(teacher_output: torch.Tensor, center: torch.Tensor, teacher_temp: float, *,
+                       block_k: int | None = None, split_k: int | None = None) -> TeacherStats:
+    """One read of the teacher logits: softmax partials of (t - C) / tau_t and column sums of t."""
     _check_2d_float("teacher_output", teacher_output)
     rows, k = teacher_output.shape
-    if center.numel() != k:
-        raise ValueError(f"center has {center.numel()} elements, expected K = {k} (shape (1, K) or (K,))")
+    if not isinstance(center, torch.Tensor) or center.numel() != k or not center.is_floating_point():
+        raise ValueError(f"center must be a float tensor of K = {k} elements ((1, K) or (K,)), got "
+                         f"{getattr(center, 'dtype', None)} {tuple(getattr(center, 'shape', ()))}")
     if center.device != teacher_output.device:
         raise ValueError(f"center is on {center.device}, teacher_output on {teacher_output.device}")
-    if not center.is_floating_point():
-        raise TypeError(f"center must be a floating tensor, got {center.dtype}")
-    inv_tau_t = 1.0 / _positive("teacher_temp", teacher_temp)
-    t = teacher_output.detach().contiguous()
+    inv_tau = _inverse("teacher_temp", teacher_temp)
+    block_r = 8 if teacher_output.is_cuda else 16  # rows per program: fewer column-sum partials
+    plan = _plan(k, triton.cdiv(rows, block_r), teacher_output.device, block_k, split_k)
     c = center.detach().reshape(-1).to(torch.float32).contiguous()
-    dev = t.device
-    row_max = _empty((rows,), torch.float32, dev)
-    row_inv_sum = _empty((rows,), torch.float32, dev)
-    block = _pick_block_k(k, block_k, dev)
-    _dino_teacher_stats_kernel[(rows,)](t, t.stride(0), c, row_max, row_inv_sum, k, inv_tau_t,
-                                        BLOCK_K=block, num_warps=_num_warps(block))
-
-    block_kc = _pick_block_k(k, block_k, dev, gpu_cap=512)
-    block_r = 4
-    n_kb = triton.cdiv(k, block_kc)
-    if dev.type == "cuda":
-        # enough (K block, row block) programs to fill the GPU a few times over
-        target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count
-        n_rb = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(target, n_kb)))
-    else:
-        n_rb = 1  # interpreter: fewer, larger programs run faster
-    rows_per_prog = triton.cdiv(triton.cdiv(rows, n_rb), block_r) * block_r
-    n_rb = triton.cdiv(rows, rows_per_prog)
-    probs = _empty((rows, k), torch.float32, dev)
-    partial = _empty((n_rb, k), torch.float32, dev)
-    _dino_teacher_probs_kernel[(n_kb, n_rb)](t, t.stride(0), c, row_max, row_inv_sum, probs, probs.stride(0),
-                                             partial, rows, k, rows_per_prog, inv_tau_t,
-                                             BLOCK_R=block_r, BLOCK_K=block_kc, num_warps=4)
-    col_sum = partial[0] if n_rb == 1 else partial.sum(dim=0)  # fixed order: deterministic
-    return probs, col_sum
+    stat_max, stat_sum, col_sum = _row_stats(teacher_output.detach().contiguous(), inv_tau, plan, c, block_r)
+    return TeacherStats(stat_max, stat_sum, col_sum, c, inv_tau)
 
 
-def dino_student_forward(student_output: torch.Tensor, probs: torch.Tensor, student_temp: float, ncrops: int,
-                         n_global: int = 2, write_grad: bool = True, inplace: bool = False,
-                         block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Loss (0-d fp32) and its gradient wrt ``student_output`` (student dtype, or None).
+def dino_student_forward(student_output: torch.Tensor, teacher: torch.Tensor, stats: TeacherStats | None,
+                         student_temp: float, ncrops: int, n_global: int = 2, *, teacher_offset: int = 0,
+                         write_grad: bool = True, inplace: bool = False, block_k: int | None = None,
+                         split_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unscaled partial losses (B, n_split) fp32 and the gradient wrt ``student_output`` (or None).
 
-    ``probs`` (n_global*B, K) fp32 from :func:`dino_teacher_forward`. With ``inplace`` the
-    gradient overwrites the (contiguous) student logits."""
+    ``teacher``: (n_global*B_t, K) logits with their ``stats`` (:func:`dino_teacher_stats`), or fp32
+    probabilities (``stats`` None). The B student images are teacher images ``teacher_offset``
+    onwards (B_t >= B: the fused head runs on chunks of images). Loss = partials.sum() /
+    (n_pairs * B_t); the gradient carries that scale. ``inplace``: written over the logits."""
     _check_2d_float("student_output", student_output)
     rows, k = student_output.shape
-    if probs.dim() != 2 or probs.dtype != torch.float32 or probs.shape[1] != k or probs.shape[0] % n_global:
-        raise ValueError(f"probs must be fp32 (n_global*B, K={k}) with n_global={n_global}, got "
-                         f"{probs.dtype} {tuple(probs.shape)}")
-    if probs.device != student_output.device:
-        raise ValueError(f"probs is on {probs.device}, student_output on {student_output.device}")
-    batch = probs.shape[0] // n_global
-    if batch < 1 or rows != ncrops * batch:
-        raise ValueError(f"student_output has {rows} rows, expected ncrops*B = {ncrops}*{batch}")
-    probs = probs.contiguous()
-    n_pairs = n_global * (ncrops - 1)
-    s = student_output.detach().contiguous()
-    dev = s.device
-    grad = None
-    if write_grad:
-        grad = s if inplace else _empty((rows, k), s.dtype, dev)
-    loss_rows = _empty((rows,), torch.float32, dev)
-    block = _pick_block_k(k, block_k, dev)
-    scale = 1.0 / (n_pairs * batch)
-    _dino_student_kernel[(rows,)](s, s.stride(0), probs, probs.stride(0),
-                                  grad if grad is not None else s, k if grad is None else grad.stride(0),
-                                  loss_rows, batch, ncrops, k, 1.0 / _positive("student_temp", student_temp), scale,
-                                  N_GLOBAL=n_global, BLOCK_K=block, WRITE_GRAD=write_grad,
-                                  num_warps=_num_warps(block))
-    # summed by torch on device: no host sync
-    return loss_rows.sum() * scale, grad
+    batch, t_batch = rows // ncrops, teacher.shape[0] // n_global
+    if rows % ncrops or teacher.shape[1] != k or teacher.shape[0] % n_global or teacher_offset + batch > t_batch:
+        raise ValueError(f"student_output {tuple(student_output.shape)} (ncrops = {ncrops}) does not match images "
+                         f"{teacher_offset}.. of teacher {tuple(teacher.shape)} (n_global = {n_global})")
+    if stats is None and teacher.dtype != torch.float32:
+        raise TypeError(f"teacher probabilities must be float32, got {teacher.dtype}")
+    inv_tau_s = _inverse("student_temp", student_temp)
+    s, t, dev = student_output.detach().contiguous(), teacher.detach().contiguous(), student_output.device
+    s_max, s_sum, _ = _row_stats(s, inv_tau_s, _plan(k, rows, dev, block_k, split_k))  # the loss needs lse too
+    plan = _plan(k, batch, dev, block_k, split_k)
+    grad = (s if inplace else _empty((rows, k), s.dtype, dev)) if write_grad else None
+    loss = _empty((batch, plan.n_split(k)), torch.float32, dev)
+    n_split_t = 1 if stats is None else stats.max.shape[1]
+    _launch(_dino_grad_kernel, _grad_tuned, plan, (plan.n_split(k), batch),
+            s, s.stride(0), s_max, s_sum, s_max.stride(0), t, t.stride(0), t if stats is None else stats.center,
+            t if stats is None else stats.max, t if stats is None else stats.sum, n_split_t,
+            s if grad is None else grad, k, loss, loss.stride(0),
+            batch, ncrops, k, plan.split_k, t_batch, teacher_offset, s_max.shape[1], n_split_t,
+            inv_tau_s, 1.0 if stats is None else stats.inv_tau, 1.0 / (n_global * (ncrops - 1) * t_batch),
+            N_GLOBAL=n_global, G_PAD=_pad(n_global), NS_S_PAD=_pad(s_max.shape[1]), NS_T_PAD=_pad(n_split_t),
+            TEACHER_PROBS=stats is None, WRITE_GRAD=write_grad)
+    return loss, grad
+
+
+# ----------------------------------------------------------------------------- autograd
 
 
 @dataclass(frozen=True)
@@ -299,20 +348,28 @@ class _Config:
     write_grad: bool
     inplace: bool
     block_k: int | None
+    split_k: int | None
 
 
 class DINOLossFunction(torch.autograd.Function):
-    """Forward computes loss, teacher column sums and the student gradient; backward scales it."""
+    """Forward: loss, teacher column sums, the student gradient; backward scales it. ``teacher``
+    is logits (``center`` a tensor) or fp32 probabilities (``center`` None)."""
 
     @staticmethod
-    def forward(ctx, student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
-                cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
-        probs, col_sum = dino_teacher_forward(teacher_output, center, cfg.teacher_temp, cfg.block_k)
-        loss, grad = dino_student_forward(student_output, probs, cfg.student_temp, cfg.ncrops, cfg.n_global,
-                                          cfg.write_grad, cfg.inplace, cfg.block_k)
+    def forward(ctx, student_output: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor | None,
+                cfg: _Config) -> tuple[torch.Tensor, torch.Tensor | None]:
+        stats = None if center is None else dino_teacher_stats(teacher, center, cfg.teacher_temp,
+                                                               block_k=cfg.block_k, split_k=cfg.split_k)
+        parts, grad = dino_student_forward(student_output, teacher, stats, cfg.student_temp, cfg.ncrops,
+                                           cfg.n_global, write_grad=cfg.write_grad, inplace=cfg.inplace,
+                                           block_k=cfg.block_k, split_k=cfg.split_k)
         ctx.grad = grad  # an intermediate, not an input/output: kept as an attribute, freed in backward
-        ctx.mark_non_differentiable(col_sum)
-        return loss, col_sum
+        batch = student_output.shape[0] // cfg.ncrops
+        loss = parts.sum() * (1.0 / (cfg.n_global * (cfg.ncrops - 1) * batch))  # on device: no host sync
+        if stats is None:
+            return loss, None
+        ctx.mark_non_differentiable(stats.col_sum)
+        return loss, stats.col_sum
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, grad_col_sum: torch.Tensor | None):
@@ -321,48 +378,69 @@ class DINOLossFunction(torch.autograd.Function):
             raise RuntimeError("fused_dino_loss: backward can run once per forward (the stored gradient is "
                                "scaled in place); recompute the loss instead of retain_graph=True")
         ctx.grad = None
-        # in place: saves a V*B*K buffer; multiplying unconditionally avoids a host sync on grad_loss == 1
-        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None
+        return scale_(grad, grad_loss), None, None, None
 
 
-def fused_dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
-                    student_temp: float, teacher_temp: float, ncrops: int, n_global: int = 2, *,
-                    inplace: bool = False, block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused DINO loss over all (teacher view, other student view) pairs.
-
-    Args:
-        student_output: (ncrops*B, K) logits, views stacked along dim 0 (official chunk layout);
-            float32 / float16 / bfloat16. Gets the gradient.
-        teacher_output: (n_global*B, K) logits of the global views; no gradient.
-        center: (1, K) or (K,) teacher center.
-        student_temp, teacher_temp: positive temperatures (Python numbers).
-        ncrops: V, number of student views (>= 2); n_global: G, teacher views (1 <= G <= V).
-        inplace: write the gradient over ``student_output`` (only if the caller no longer needs it).
-        block_k: K block of the row sweeps (power of two); default picked from K.
-
-    Returns:
-        (loss, teacher_col_sum): 0-d fp32 loss with autograd to ``student_output`` (backward may
-        run once), and (K,) fp32 column sums of ``teacher_output`` for the center update.
-    """
+def _check_layout(student_output: torch.Tensor, teacher: torch.Tensor, ncrops: int, n_global: int) -> None:
     _check_2d_float("student_output", student_output)
-    _check_2d_float("teacher_output", teacher_output)
-    ncrops, n_global = _count("ncrops", ncrops), _count("n_global", n_global)
-    if ncrops < 2:
-        raise ValueError(f"ncrops must be >= 2, got {ncrops}")
-    if not 1 <= n_global <= ncrops:
-        raise ValueError(f"n_global must be in [1, ncrops={ncrops}], got {n_global}")
-    if student_output.device != teacher_output.device:
-        raise ValueError(f"student_output is on {student_output.device}, teacher_output on {teacher_output.device}")
-    (s_rows, k), (t_rows, k_t) = student_output.shape, teacher_output.shape
+    _check_2d_float("teacher_output", teacher)
+    if ncrops < 2 or not 1 <= n_global <= ncrops:
+        raise ValueError(f"need ncrops >= 2 and 1 <= n_global <= ncrops, got ncrops={ncrops}, n_global={n_global}")
+    if student_output.device != teacher.device:
+        raise ValueError(f"student_output is on {student_output.device}, teacher_output on {teacher.device}")
+    (s_rows, k), (t_rows, k_t) = student_output.shape, teacher.shape
     if k != k_t:
         raise ValueError(f"student_output has K = {k} columns, teacher_output {k_t}")
     if k < 1 or t_rows < n_global or t_rows % n_global:
         raise ValueError(f"teacher_output has shape {(t_rows, k_t)}: expected (n_global*B, K) with "
                          f"n_global = {n_global}, B >= 1, K >= 1")
-    batch = t_rows // n_global
-    if s_rows != ncrops * batch:
-        raise ValueError(f"student_output has {s_rows} rows, expected ncrops*B = {ncrops}*{batch} = "
-                         f"{ncrops * batch} (B from teacher_output's {t_rows} rows / n_global = {n_global})")
+    if s_rows != ncrops * (t_rows // n_global):
+        raise ValueError(f"student_output has {s_rows} rows, expected ncrops*B = {ncrops}*{t_rows // n_global} "
+                         f"(B from teacher_output's {t_rows} rows / n_global = {n_global})")
+
+
+def fused_dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
+                    student_temp: float, teacher_temp: float, ncrops: int, n_global: int = 2, *,
+                    inplace: bool = False, block_k: int | None = None,
+                    split_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused DINO loss over all (teacher view, other student view) pairs.
+
+    Args:
+        student_output: (ncrops*B, K) fp32/fp16/bf16 logits, views stacked along dim 0 (official
+            layout); gets the gradient. teacher_output: (n_global*B, K) logits, no gradient.
+        center: (1, K) or (K,); student_temp, teacher_temp: positive Python numbers.
+        ncrops: V, student views (>= 2); n_global: G, teacher views (1 <= G <= V).
+        inplace: write the gradient over ``student_output`` (only if the caller no longer needs it).
+        block_k: K block (power of two), default autotuned on GPU. split_k: columns per program
+            (cdiv(K, split_k) programs per row), default sized to fill the GPU (one range on CPU).
+
+    Returns:
+        (loss, teacher_col_sum): 0-d fp32 loss with autograd to ``student_output`` (backward may
+        run once), and (K,) fp32 column sums of ``teacher_output`` for the center update.
+    """
+    ncrops, n_global = operator.index(ncrops), operator.index(n_global)
+    _check_layout(student_output, teacher_output, ncrops, n_global)
     write_grad = student_output.requires_grad and torch.is_grad_enabled()
-    cfg = _Config(float(student_temp), float(teacher_temp), ncrops, n_global, write_grad, inplace, block_k)
+    cfg = _Config(float(student_temp), float(teacher_temp), ncrops, n_global, write_grad, inplace, block_k, split_k)
     return DINOLossFunction.apply(student_output, teacher_output, center, cfg)
+
+
+def fused_dino_loss_from_probs(student_output: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float,
+                               ncrops: int, n_global: int = 2, *, inplace: bool = False, block_k: int | None = None,
+                               split_k: int | None = None) -> torch.Tensor:
+    """As :func:`fused_dino_loss` with the teacher probabilities given: (n_global*B, K) fp32 rows
+    (e.g. Sinkhorn-Knopp's); no softmax, no column sums. Returns the 0-d fp32 loss."""
+    ncrops, n_global = operator.index(ncrops), operator.index(n_global)
+    _check_layout(student_output, teacher_probs, ncrops, n_global)
+    write_grad = student_output.requires_grad and torch.is_grad_enabled()
+    cfg = _Config(float(student_temp), 1.0, ncrops, n_global, write_grad, inplace, block_k, split_k)
+    return DINOLossFunction.apply(student_output, teacher_probs.to(torch.float32), None, cfg)[0]
+
+
+def dino_loss_floor_bytes(batch: int, ncrops: int, k: int, student_dtype: torch.dtype,
+                          teacher_dtype: torch.dtype | None = None, n_global: int = 2) -> int:
+    """Bytes floor of one forward + backward: read student and teacher logits once, write the
+    student gradient once = 2*V*B*K*es + G*B*K*et (the module docstring's formula)."""
+    es = torch.empty((), dtype=student_dtype).element_size()
+    et = torch.empty((), dtype=teacher_dtype or student_dtype).element_size()
+    return 2 * ncrops * batch * k * es + n_global * batch * k * et

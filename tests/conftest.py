@@ -14,6 +14,14 @@ if not torch.cuda.is_available():
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small generated demo dataset (10 classes, 4 train / 2 val images each, 32 px), made once."""
+    from dino_fast.data.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train_per_class=4, n_val_per_class=2, size=32)
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device kernel tests run on: CUDA when present, else CPU (interpreter)."""

@@ -51,3 +51,45 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer filled with NaN so that unwritten elements fail the comparison."""
     return torch.full_like(t, POISON)
+
+
+def legacy_checkpoint(trainer) -> dict:
+    """A trainer's state in the single-file format of earlier versions (``checkpoint-XXXXXXXX.pth``,
+    format "dino_fast"), written as they wrote it: what the one-way converter must read."""
+    import random
+
+    import numpy as np
+
+    return {"format": "dino_fast", "student": trainer.student.state_dict(), "teacher": trainer.teacher.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(), "dino_loss": trainer.loss_fn.state_dict(),
+            "step": trainer.step, "epoch": trainer.epoch, "config": trainer.cfg.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+
+def start_train(cfg, log_file) -> "subprocess.Popen":
+    """``python -m dino_fast train`` on ``cfg`` (a TrainConfig) in a subprocess, output into ``log_file``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    cfg_file = Path(log_file).with_suffix(".yaml")
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log_file, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "dino_fast", "train", "--config", str(cfg_file)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(path, proc, log_file, timeout_s: float = 180.0) -> None:
+    """Until ``path`` exists while ``proc`` runs; fails with the log's tail if ``proc`` ends first."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout_s
+    while not Path(path).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"training exited early: {Path(log_file).read_text()[-2000:]}"
+    assert Path(path).exists(), f"{path} did not appear within {timeout_s} s"

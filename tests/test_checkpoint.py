@@ -1,36 +1,183 @@
-"""Atomic checkpoint writes and the resumable, seeded sample order."""
+"""The checkpointer: atomic DCP directories, pruning and snapshots, safe loading (no code runs,
+format/keys/shapes checked before anything is touched), the one-way converter of old single
+files; and the resumable, seeded sample order."""
+from __future__ import annotations
+
 import os
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from dino_fast.checkpoint import atomic_torch_save, checkpoint_path, latest_checkpoint, prune_checkpoints
+import dino_fast.checkpoint as ckpt
+from dino_fast.checkpoint import Checkpointer, consolidate, latest_checkpoint
 from dino_fast.data.sampling import ResumableSampler
+from dino_fast.errors import CheckpointError
+from dino_fast.train import Trainer
+from tests.helpers import legacy_checkpoint
+from tests.test_train import _params, tiny_cfg
 
 
-def test_atomic_save_and_latest(tmp_path):
+class Part:
+    """A Stateful part holding one tensor and one number."""
+
+    def __init__(self, n: int = 3, value: float = 0.0) -> None:
+        self.t, self.x = torch.full((n,), value), value
+
+    def state_dict(self):
+        return {"t": self.t, "x": self.x}
+
+    def load_state_dict(self, sd):
+        self.t, self.x = sd["t"], sd["x"]
+
+
+def _train_part(step: int):
+    from dino_fast.plan import RunPlan
+    from dino_fast.state import TrainState
+
+    plan = RunPlan(niter_per_epoch=5, epochs=2, warmup_epochs=0, warmup_teacher_temp_epochs=0, base_lr=1e-3,
+                   min_lr=0.0, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
+                   warmup_teacher_temp=0.04, teacher_temp=0.04, stop_step=10)
+    state = TrainState({"seed": 0}, plan, seed=0)
+    state.step = step
+    return state
+
+
+def test_save_is_atomic_latest_prunes_and_snapshots(tmp_path):
+    c = Checkpointer(tmp_path, keep=2)
     for step in (5, 10, 20):
-        atomic_torch_save({"step": step}, checkpoint_path(tmp_path, step))
-    (tmp_path / "checkpoints" / "checkpoint-00000030.pth.tmpabc").write_bytes(b"torn")  # a crashed save
-    latest = latest_checkpoint(tmp_path)
-    assert latest.name == "checkpoint-00000020.pth" and torch.load(latest)["step"] == 20
-    prune_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pth")) == [
-        "checkpoint-00000010.pth", "checkpoint-00000020.pth"]
+        c.save({"model": Part(value=step), "train": _train_part(step)}, step, snapshot="epoch0001" if step == 5 else None)
+    (tmp_path / "checkpoints" / "step-00000030.tmp").mkdir()  # a crashed save
+    assert latest_checkpoint(tmp_path).name == "step-00000020"
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["snapshot-epoch0001", "step-00000010", "step-00000020", "step-00000030.tmp"]
+    part, train = Part(), _train_part(0)
+    c.load(tmp_path / "checkpoints" / "snapshot-epoch0001", {"model": part, "train": train})
+    assert part.x == 5 and torch.equal(part.t, torch.full((3,), 5.0)) and train.step == 5
 
 
-def test_failed_save_leaves_previous_intact(tmp_path, monkeypatch):
-    path = checkpoint_path(tmp_path, 1)
-    atomic_torch_save({"v": 1}, path)
+def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    c = Checkpointer(tmp_path)
+    c.save({"model": Part(value=1.0), "train": _train_part(1)}, 1)
 
-    class Boom:
-        def __reduce__(self):
-            raise RuntimeError("crash while pickling")
+    def dies(state, **kw):
+        raise RuntimeError("killed while writing")
 
-    with pytest.raises(RuntimeError, match="crash while pickling"):
-        atomic_torch_save({"v": Boom()}, path)
-    assert torch.load(path)["v"] == 1
-    assert os.listdir(path.parent) == [path.name]  # the temp file is gone
+    monkeypatch.setattr(ckpt.dcp, "save", dies)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        c.save({"model": Part(value=2.0), "train": _train_part(2)}, 2)
+    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    part = Part()
+    c.load(latest_checkpoint(tmp_path), {"model": part, "train": _train_part(0)})
+    assert part.x == 1.0
+
+
+class _Payload:
+    """Unpickling this writes a marker file: the proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_crafted_metadata_runs_no_code(tmp_path):
+    c = Checkpointer(tmp_path)
+    path = c.save({"model": Part(), "train": _train_part(1)}, 1)
+    marker = tmp_path / "marker"
+    (path / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match="not a readable checkpoint.*refers to pathlib.Path.write_text"):
+        c.load(path, {"model": Part(), "train": _train_part(0)})
+    assert not marker.exists()
+
+
+def test_crafted_value_runs_no_code(tmp_path):
+    """A non-tensor value that unpickles into a call (DCP's own reader would run it: it loads
+    values with torch.load(weights_only=False))."""
+    marker = tmp_path / "marker"
+
+    class Evil:
+        def state_dict(self):
+            return {"format": ckpt.FORMAT, "step": _Payload(marker)}
+
+    c = Checkpointer(tmp_path)
+    path = c.save({"model": Part(), "train": Evil()}, 1)
+    with pytest.raises(CheckpointError, match="could not be read"):
+        c.load(path, {"model": Part(), "train": _train_part(0)})
+    assert not marker.exists()
+
+
+def test_legacy_single_file_resumes_exactly(demo_root, tmp_path):
+    """A checkpoint-XXXXXXXX.pth of earlier versions (weights_only load, numpy RNG state allowed)
+    resumes into the same run as an uninterrupted one; the new run then writes directories."""
+    straight = Trainer(tiny_cfg(demo_root, tmp_path / "a", max_steps=6))
+    straight.fit()
+    first = Trainer(tiny_cfg(demo_root, tmp_path / "b", max_steps=3))
+    first.fit()
+    old = tmp_path / "b" / "checkpoints" / "checkpoint-00000003.pth"
+    torch.save(legacy_checkpoint(first), old)
+    for p in (tmp_path / "b" / "checkpoints").glob("step-*"):
+        import shutil
+
+        shutil.rmtree(p)
+    resumed = Trainer(tiny_cfg(demo_root, tmp_path / "b", max_steps=6, resume="auto"))
+    resumed.fit()
+    assert resumed.step == 6
+    a, b = _params(straight), _params(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resuming an old single file"
+    assert (tmp_path / "b" / "checkpoints" / "step-00000006" / ".metadata").is_file()
+
+
+def test_legacy_file_with_code_runs_no_code(demo_root, tmp_path):
+    marker = tmp_path / "marker"
+    bad = tmp_path / "checkpoint-00000001.pth"
+    torch.save({"format": "dino_fast", "student": _Payload(marker)}, bad)
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path / "o", max_steps=1))
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        trainer.resume(str(bad))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 100, os.urandom(4096)], ids=["empty", "zeros", "random"])
+def test_unreadable_file_is_one_clear_error(demo_root, tmp_path, content):
+    bad = tmp_path / "checkpoint-00000001.pth"
+    bad.write_bytes(content)
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path / "o", max_steps=1))
+    with pytest.raises(CheckpointError, match=str(bad)):
+        trainer.resume(str(bad))
+
+
+def test_truncated_checkpoint_directory(demo_root, tmp_path):
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path, max_steps=2))
+    path = Path(trainer.fit()["checkpoint"])
+    data = path / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:1000])
+    other = Trainer(tiny_cfg(demo_root, tmp_path / "o", max_steps=1))
+    with pytest.raises(CheckpointError, match=str(path)):
+        other.resume(str(path))
+
+
+def test_other_architecture_names_keys_and_flags(demo_root, tmp_path):
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path, max_steps=2))
+    path = trainer.fit()["checkpoint"]
+    other = Trainer(tiny_cfg(demo_root, tmp_path / "o", depth=3, head_bottleneck_dim=16))
+    before = {k: v.clone() for k, v in _params(other).items()}
+    with pytest.raises(CheckpointError, match=r"does not fit this model: .*--depth 2 --head_bottleneck_dim 32; "
+                                              r"this run has --depth 3 --head_bottleneck_dim 16"):
+        other.resume(path)
+    after = _params(other)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was touched
+
+
+def test_consolidate_gives_full_models(demo_root, tmp_path):
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path, max_steps=2))
+    full = consolidate(trainer.fit()["checkpoint"])
+    assert full["step"] == 2 and full["config"]["depth"] == 2
+    for k, v in trainer.teacher.state_dict().items():
+        assert torch.equal(full["teacher"][k], v), k
 
 
 def test_sampler_resume_and_shards():

@@ -19,9 +19,9 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason="nvidia.dali is not installed")
 
-from dino_fast.data.dali import (  # noqa: E402
-    PARAM_NAMES, DALIMultiCropLoader, build_dali_loader, dali_available, validate_image_file)
-from dino_fast.data.folder import CorruptImageWarning, DataError  # noqa: E402
+from dino_fast.data.dali import PARAM_NAMES, DALIMultiCropLoader, dali_available  # noqa: E402
+from dino_fast.data.dali_validate import validate_image_file  # noqa: E402
+from dino_fast.data.folder import CorruptImageWarning, DataError, ImageFolderDataset  # noqa: E402
 from tests.helpers import requires_cuda  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -136,17 +136,37 @@ def test_views_shapes_dtype_labels_and_range(jpeg_root):
     assert len(set(seen.tolist())) == len(seen)  # one epoch, no repeats (drop policy)
 
 
-def test_build_from_config(jpeg_root):
-    from types import SimpleNamespace
+def test_build_train_data_dali(jpeg_root):
+    """The trainer's builder: config -> DALI loader with the config's values, views in the training dtype."""
+    from dino_fast.config import TrainConfig
+    from dino_fast.data.build import build_train_data
 
-    cfg = SimpleNamespace(data_path=str(jpeg_root), batch_size_per_gpu=4, global_crops_scale=(0.5, 1.0),
-                          local_crops_scale=(0.1, 0.3), local_crops_number=3, global_crops_size=32,
-                          local_crops_size=16, num_workers=2, seed=3)
-    loader = build_dali_loader(cfg, rank=1, world_size=2, device="cpu")
+    cfg = TrainConfig.from_dict(dict(data_path=str(jpeg_root), data_backend="dali", batch_size_per_gpu=4,
+                                     global_crops_scale=(0.5, 1.0), local_crops_scale=(0.1, 0.3),
+                                     local_crops_number=3, global_crops_size=32, local_crops_size=16, patch_size=8,
+                                     num_workers=2, seed=3))
+    data = build_train_data(cfg, torch.device("cpu"), rank=1, world=2, dtype=torch.bfloat16)
+    loader = data.loader
+    assert data.backend == "dali" and "bfloat16" in data.describe()
     assert (loader.batch_size, loader.num_views, loader.shard_id, loader.num_shards, loader.seed) == (4, 5, 1, 2, 3)
-    assert (loader.global_crops_scale, loader.local_crops_scale, loader.dtype) == ((0.5, 1.0), (0.1, 0.3),
-                                                                                   torch.float32)
-    assert len(loader) == 36 // 8
+    assert (loader.global_crops_scale, loader.local_crops_scale) == ((0.5, 1.0), (0.1, 0.3))
+    assert data.num_batches == len(loader) == 36 // 8
+    batches = list(data.epoch(1, start_batch=2))
+    assert len(batches) == 2
+    assert [tuple(v.shape) for v in batches[0]] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    assert all(v.dtype == torch.bfloat16 and v.is_contiguous() for v in batches[0])
+
+
+def test_recipe_is_what_the_loader_draws(jpeg_root, monkeypatch):
+    """The loader's per-view probabilities come from dino_fast.data.recipe (changed there, changed here)."""
+    from dino_fast.data import recipe
+
+    monkeypatch.setattr(recipe, "BLUR_P", (0.0, 1.0, 0.0))
+    monkeypatch.setattr(recipe, "SOLARIZE_P", (1.0, 0.0, 0.0))
+    prm = _cat_params(_run(_loader(jpeg_root, 12, local_crops_number=2, global_crops_size=16, local_crops_size=8,
+                                   return_params=True)))
+    assert prm["blur"].tolist() == [[False, True, False, False]] * 36
+    assert prm["solarize"].tolist() == [[True, False, False, False]] * 36
 
 
 def test_bf16_views_match_fp32(jpeg_root):
@@ -359,6 +379,36 @@ def test_order_per_epoch_set_epoch_and_resume(jpeg_root):
     assert torch.equal(tail, epochs[1][16:])
 
 
+def test_resume_is_bit_identical(jpeg_root):
+    """Draws are a function of (seed, epoch, batch, shard): batches 2.. of epoch 1 from a loader started
+    there equal those of a loader that ran epoch 0 and 1 from the start, pixels and draws."""
+    kw = dict(local_crops_number=2, global_crops_size=16, local_crops_size=8, return_params=True, seed=6)
+    full = _run(_loader(jpeg_root, 8, **kw), epochs=2)[4 + 2:]
+    resumed = _loader(jpeg_root, 8, **kw)
+    resumed.set_epoch(1, start_batch=2)
+    tail = _run(resumed)
+    assert len(tail) == len(full) == 2
+    for (va, la, pa), (vb, lb, pb) in zip(full, tail):
+        assert torch.equal(la, lb) and all(torch.equal(pa[k], pb[k]) for k in pa)
+        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    other_shard = _run(_loader(jpeg_root, 4, shard_id=1, num_shards=2, **kw))
+    assert not torch.equal(other_shard[0][2]["crop"], _run(_loader(jpeg_root, 4, num_shards=2, **kw))[0][2]["crop"])
+
+
+def test_crops_are_drawn_on_the_header_size(jpeg_root):
+    """Sizes come from the JPEG frame header; every crop lies inside its image with its area in scale."""
+    loader = _loader(jpeg_root, 12, local_crops_number=2, global_crops_size=16, local_crops_size=8,
+                     return_params=True)
+    assert loader._sizes.tolist() == [[40, 48]] * 36  # (height, width) of the 48x40 JPEGs
+    prm = _cat_params(_run(loader))
+    top, left, h, w = prm["crop"].unbind(-1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 40).all() and (left + w <= 48).all()
+    frac = (h * w).double() / (40 * 48)
+    for views, (lo, hi) in ((slice(0, 2), loader.global_crops_scale), (slice(2, None), loader.local_crops_scale)):
+        f = frac[:, views]  # rounding w, h to whole pixels moves the area a little past the range
+        assert f.min() >= lo * 0.9 and f.max() <= hi * 1.1, (f.min(), f.max())
+
+
 @pytest.mark.parametrize("n_images,last_batch", [(40, "drop"), (37, "drop"), (37, "pad")])
 def test_two_shards_cover_the_dataset(tmp_path, n_images, last_batch):
     rng = np.random.default_rng(n_images)
@@ -404,10 +454,10 @@ def test_corrupt_files_are_skipped_and_the_epoch_runs(tmp_path):
 def test_validate_image_file(tmp_path, monkeypatch, window):
     import io
 
-    import dino_fast.data.dali as dali_mod
+    import dino_fast.data.dali_validate as validate_mod
 
-    monkeypatch.setattr(dali_mod, "_HEAD_BYTES", window)
-    monkeypatch.setattr(dali_mod, "_TAIL_BYTES", window)
+    monkeypatch.setattr(validate_mod, "_HEAD_BYTES", window)
+    monkeypatch.setattr(validate_mod, "_TAIL_BYTES", window)
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=95)
@@ -426,13 +476,89 @@ def test_validate_image_file(tmp_path, monkeypatch, window):
     assert validate_image_file(str(tmp_path / "cut.jpg"), mode="none") is None
 
 
-def test_unchecked_corrupt_file_gives_a_clear_error(tmp_path):
+@pytest.mark.parametrize("name,data,match", [
+    # the header cannot even give a size: refused when its batch is fed, naming the file
+    ("zz_garbage.jpg", b"\xff\xd8\xff" + bytes(200), "zz_garbage.jpg.*validate='header'"),
+    # a valid PNG header over garbage: only DALI's decoder finds out
+    ("zz_broken.png", None, "validate='full'"),
+])
+def test_unchecked_corrupt_file_gives_a_clear_error(tmp_path, name, data, match):
+    import io
+
     rng = np.random.default_rng(0)
     root = _write_tree(tmp_path, [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(4)],
                        classes=1, ext="jpg")
-    (root / "class_0" / "zz_garbage.jpg").write_bytes(b"\xff\xd8\xff" + bytes(200))
+    if data is None:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+        data = buf.getvalue()[:33] + bytes(rng.integers(0, 256, 300, dtype=np.uint8))  # signature + IHDR kept
+    (root / "class_0" / name).write_bytes(data)
     loader = _loader(root, 5, local_crops_number=0, global_crops_size=8, validate="none")
-    with pytest.raises(DataError, match="validate='full'"):
+    with pytest.raises(DataError, match=match):
+        _run(loader)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with an IEND chunk: passes every header check but the size."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _jpeg_header(width: int, height: int) -> bytes:
+    """A baseline JPEG frame header claiming width x height, a scan and an end-of-image marker."""
+    sof = b"\xff\xc0\x00\x11\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big") + b"\x03" + bytes(9)
+    return b"\xff\xd8" + sof + b"\xff\xda\x00\x08" + bytes(6) + bytes(100) + b"\xff\xd9"
+
+
+def test_decompression_bomb_is_skipped_from_its_header(tmp_path):
+    """A 20000 x 20000 image (4e8 pixels, over twice PIL's default limit of 89.5e6) is refused from its
+    header, JPEG or PNG, as the torchvision path refuses it (PIL's DecompressionBombError)."""
+    rng = np.random.default_rng(0)
+    root = _write_tree(tmp_path, [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(8)], classes=2)
+    (root / "class_0" / "bomb.png").write_bytes(_png_header(20000, 20000))
+    (root / "class_1" / "bomb.jpg").write_bytes(_jpeg_header(20000, 20000))
+    with pytest.warns(CorruptImageWarning) as record:
+        loader = _loader(root, 4, local_crops_number=0, global_crops_size=8, return_params=True)
+    named = " ".join(str(w.message) for w in record)
+    assert "bomb.png" in named and "bomb.jpg" in named and "decompression bomb" in named
+    assert sorted(Path(p).name for p, _ in loader.skipped) == ["bomb.jpg", "bomb.png"]
+    assert len(_run(loader)) == 2
+    with pytest.raises(Image.DecompressionBombError):  # the torchvision path's verdict on the same file
+        ImageFolderDataset.load_image(str(root / "class_0" / "bomb.png"))
+
+
+@pytest.mark.parametrize("side,verdict", [(14, "kept"), (15, "refused")])
+def test_pixel_limit_follows_pil(tmp_path, monkeypatch, side, verdict):
+    """PIL's semantics at a small limit (100): over the limit warned and decoded, over twice refused;
+    the limit is read when the loader is built, and None turns it off."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    rng = np.random.default_rng(side)
+    root = _write_tree(tmp_path, [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(4)],
+                       classes=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        if verdict == "kept":  # 196 pixels: over 100, under 200
+            loader = _loader(root, 2, local_crops_number=0, global_crops_size=8)
+            assert loader.num_skipped == 0 and len(_run(loader)) == 2
+        else:  # 225 pixels > 200
+            with pytest.raises(DataError, match="no decodable image"):
+                _loader(root, 2, local_crops_number=0, global_crops_size=8)
+    assert any("MAX_IMAGE_PIXELS" in str(w.message) for w in record)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert _loader(root, 2, local_crops_number=0, global_crops_size=8).num_skipped == 0
+
+
+def test_unchecked_bomb_is_refused_when_fed(tmp_path):
+    rng = np.random.default_rng(1)
+    root = _write_tree(tmp_path, [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)], classes=1)
+    (root / "class_0" / "bomb.png").write_bytes(_png_header(20000, 20000))
+    loader = _loader(root, 4, local_crops_number=0, global_crops_size=8, validate="none")
+    with pytest.raises(DataError, match="bomb.png.*decompression bomb"):
         _run(loader)
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from dino_fast.data import DataAugmentationDINO, DataError, ImageFolderDataset, build_train_loader, \
+from dino_fast.config import ConfigError, TrainConfig
+from dino_fast.data import DataAugmentationDINO, DataError, ImageFolderDataset, build_train_data, \
     collate_views, make_demo_dataset
 from dino_fast.data.demo import DEMO_CLASSES
 from dino_fast.data.folder import CorruptImageWarning
@@ -216,6 +217,225 @@ def test_non_pil_input_raises():
         DataAugmentationDINO(local_crops_number=0)(torch.zeros(3, 32, 32))
 
 
+# --- the recipe, shared by both back-ends ------------------------------------------------------------------
+
+def test_recipe_holds_the_official_constants():
+    """main_dino.py / utils.py values, written out here (the spec, not the code under test)."""
+    from dino_fast.data import recipe
+
+    assert (recipe.FLIP_P, recipe.JITTER_P, recipe.GRAYSCALE_P) == (0.5, 0.8, 0.2)
+    assert (recipe.BRIGHTNESS, recipe.CONTRAST, recipe.SATURATION, recipe.HUE) == (0.4, 0.4, 0.2, 0.1)
+    assert recipe.BLUR_SIGMA == (0.1, 2.0) and recipe.BLUR_P == (1.0, 0.1, 0.5)
+    assert recipe.SOLARIZE_P == (0.0, 0.2, 0.0) and recipe.SOLARIZE_THRESHOLD == 128
+    assert recipe.CROP_RATIO == (3 / 4, 4 / 3)
+    assert recipe.GLOBAL_CROPS_SCALE == (0.4, 1.0) and recipe.LOCAL_CROPS_SCALE == (0.05, 0.4)
+    assert torch.equal(torch.tensor(recipe.IMAGENET_MEAN).view(3, 1, 1), MEAN)
+    assert torch.equal(torch.tensor(recipe.IMAGENET_STD).view(3, 1, 1), STD)
+
+
+def test_torchvision_views_read_the_recipe(monkeypatch):
+    """DataAugmentationDINO takes its per-view probabilities and jitter strengths from the recipe
+    (tests/test_dali.py checks the same for the DALI loader)."""
+    from dino_fast.data import recipe
+
+    monkeypatch.setattr(recipe, "BLUR_P", (0.3, 0.6, 0.9))
+    monkeypatch.setattr(recipe, "SOLARIZE_P", (0.7, 0.0, 0.4))
+    monkeypatch.setattr(recipe, "BRIGHTNESS", 0.1)
+    monkeypatch.setattr(recipe, "HUE", 0.05)
+    aug = DataAugmentationDINO(local_crops_number=2, global_crops_size=16, local_crops_size=8)
+    probs = [(vt.prob["blur"], vt.prob["solarize"], vt.prob["flip"], vt.prob["color_jitter"], vt.prob["grayscale"])
+             for vt in aug.view_transforms()]
+    assert probs == [(0.3, 0.7, 0.5, 0.8, 0.2), (0.6, 0.0, 0.5, 0.8, 0.2)] + [(0.9, 0.4, 0.5, 0.8, 0.2)] * 2
+    jitter = aug.local_transfo._jitter
+    got = [tuple(r) for r in (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)]
+    assert_close(torch.tensor(got), torch.tensor([(0.9, 1.1), (0.6, 1.4), (0.8, 1.2), (-0.05, 0.05)]), name="jitter")
+
+
+# --- per-batch draws and batched photometric ops (the DALI path's host / torch side) --------------------
+
+def test_batch_draws_are_a_function_of_their_position():
+    from dino_fast.data import batch_augment as ba
+    from dino_fast.data.recipe import view_recipes
+
+    views = view_recipes((0.4, 1.0), (0.05, 0.4), 3, 32, 16)
+    sizes = np.array([[40, 48], [64, 64], [375, 500]] * 5)
+
+    def draws(*position):
+        return ba.draw_batch(ba.batch_rng(*position), sizes, views)
+
+    a, b = draws(1, 2, 3, 0), draws(1, 2, 3, 0)
+    assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in a.__dataclass_fields__)
+    for other in ((2, 2, 3, 0), (1, 3, 3, 0), (1, 2, 4, 0), (1, 2, 3, 1)):  # seed, epoch, batch, shard
+        assert not np.array_equal(draws(*other).crop, a.crop), other
+
+
+def test_batch_draw_rates_and_ranges():
+    from dino_fast.data import batch_augment as ba
+    from dino_fast.data.recipe import view_recipes
+
+    n = 3000
+    d = ba.draw_batch(np.random.default_rng(0), np.full((n, 2), 64), view_recipes((0.4, 1), (0.05, 0.4), 2, 16, 8))
+    expected = {"flip": [0.5] * 4, "color_jitter": [0.8] * 4, "grayscale": [0.2] * 4, "blur": [1.0, 0.1, 0.5, 0.5],
+                "solarize": [0.0, 0.2, 0.0, 0.0]}
+    for name, ps in expected.items():
+        for v, p in enumerate(ps):
+            hits = int(getattr(d, name)[:, v].sum())
+            if p in (0.0, 1.0):
+                assert hits == p * n, (name, v, hits)
+            else:
+                ok, msg = _binomial_ok(hits, n, p)
+                assert ok, f"{name} view {v}: {msg}"
+    on = d.color_jitter
+    for name, lo, hi, identity in (("brightness", 0.6, 1.4, 1), ("contrast", 0.6, 1.4, 1),
+                                   ("saturation", 0.8, 1.2, 1), ("hue", -0.1, 0.1, 0)):
+        x = getattr(d, name)
+        assert lo <= x[on].min() and x[on].max() <= hi and x[on].max() - x[on].min() > 0.95 * (hi - lo), name
+        assert (x[~on] == identity).all(), name
+    assert 0.1 <= d.blur_sigma[d.blur].min() and d.blur_sigma[d.blur].max() <= 2.0
+    assert (d.blur_sigma[~d.blur] == 0).all()
+
+
+@pytest.mark.parametrize("size,scale", [((300, 400), (0.05, 0.4)), ((375, 500), (0.4, 1.0)), ((41, 23), (0.4, 1.0))])
+def test_random_resized_crops_match_torchvision(size, scale):
+    """Same window distribution as torchvision's RandomResizedCrop.get_params (area fraction, aspect, position)."""
+    import torchvision.transforms as T
+
+    from dino_fast.data import batch_augment as ba
+
+    n = 4000
+    h_img, w_img = size
+    ours = ba.random_resized_crops(np.random.default_rng(1), np.tile(size, (n, 1)), np.array([scale]))[:, 0]
+    torch.manual_seed(1)
+    img = Image.new("RGB", (w_img, h_img))
+    theirs = np.array([T.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3]) for _ in range(n)])
+    for crops in (ours, theirs):
+        top, left, h, w = crops.T
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= h_img).all() and (left + w <= w_img).all()
+
+    def stats(crops):
+        top, left, h, w = crops.T.astype(np.float64)
+        centre_x = (left + w / 2) / w_img
+        return np.array([(h * w).mean() / (h_img * w_img), np.log(w / h).mean(), np.log(w / h).std(), centre_x.mean(),
+                         np.quantile(h * w, 0.1) / (h_img * w_img), np.quantile(h * w, 0.9) / (h_img * w_img)])
+
+    np.testing.assert_allclose(stats(ours), stats(theirs), atol=0.02)
+
+
+def test_random_resized_crop_fallback_is_torchvision_s():
+    """No try fits a 10 x 300 image: both take the central crop at the ratio limit."""
+    import torchvision.transforms as T
+
+    from dino_fast.data import batch_augment as ba
+
+    ours = ba.random_resized_crops(np.random.default_rng(0), np.array([[10, 300], [300, 10]]), np.array([[0.4, 1.0]]))
+    for k, (h, w) in enumerate(((10, 300), (300, 10))):
+        theirs = T.RandomResizedCrop.get_params(Image.new("RGB", (w, h)), [0.4, 1.0], [3 / 4, 4 / 3])
+        assert tuple(ours[k, 0]) == tuple(theirs)
+
+
+def test_crop_windows_fold_the_flip():
+    from dino_fast.data import batch_augment as ba
+    from dino_fast.data.recipe import view_recipes
+
+    d = ba.draw_batch(np.random.default_rng(2), np.full((50, 2), 64), view_recipes((0.4, 1), (0.05, 0.4), 1, 16, 8))
+    for v in range(3):
+        start, end = ba.crop_windows(d, v)
+        top, left, h, w = d.crop[:, v].T
+        flip = d.flip[:, v]
+        np.testing.assert_array_equal(start[:, 0], top)
+        np.testing.assert_array_equal(end[:, 0], top + h)
+        np.testing.assert_array_equal(start[:, 1], np.where(flip, left + w, left))
+        np.testing.assert_array_equal(end[:, 1], np.where(flip, left, left + w))
+    assert 0 < d.flip.sum() < d.flip.size
+
+
+def _reflect(i: int, n: int) -> int:
+    """Mirror an index into [0, n) without repeating the edge sample (reflect-101), by bouncing."""
+    if n == 1:
+        return 0
+    while not 0 <= i < n:
+        i = -i if i < 0 else 2 * (n - 1) - i
+    return i
+
+
+def _blur_reference(signal: np.ndarray, sigma: float) -> np.ndarray:
+    """1-D Gaussian blur along the last axis, tap by tap: weights exp(-t^2 / 2 sigma^2), |t| <= ceil(3 sigma)."""
+    if sigma == 0:
+        return signal.copy()
+    r = math.ceil(3 * sigma)
+    taps = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    taps /= taps.sum()
+    n = signal.shape[-1]
+    out = np.zeros_like(signal, dtype=np.float64)
+    for o in range(n):
+        for t, wt in zip(range(-r, r + 1), taps):
+            out[..., o] += wt * signal[..., _reflect(o + t, n)]
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 13, 16, 32])
+def test_blur_matrices_match_a_tap_by_tap_blur(n):
+    from dino_fast.data import batch_augment as ba
+
+    sigmas = torch.tensor([0.0, 0.1, 0.37, 1.0, 1.63, 2.0])
+    a = ba.blur_matrices(sigmas, n)
+    x = np.random.default_rng(n).uniform(0, 255, (len(sigmas), n))
+    expected = torch.tensor(np.stack([_blur_reference(x[k], float(s)) for k, s in enumerate(sigmas)]))
+    got = torch.einsum("kij,kj->ki", a.double(), torch.tensor(x))
+    assert_close(got, expected, rtol=1e-5, atol=1e-4, name=f"blur n={n}")
+    assert torch.equal(a[0], torch.eye(n)), "sigma 0 must be the exact identity"
+    assert_close(a.sum(2), torch.ones(len(sigmas), n), name="rows sum to 1")
+
+
+def _photometric_reference(x: np.ndarray, m: np.ndarray, offset: float, sigma: float, solarize: bool) -> np.ndarray:
+    """One view, written from the math: (3, H, W) uint8 -> uint8 levels (float64)."""
+    luma = np.array([0.299, 0.587, 0.114])
+    mu = (x.reshape(3, -1).mean(1) * luma).sum()
+    y = np.clip(np.round(np.einsum("cd,dhw->chw", m, x) + offset * mu), 0, 255)
+    y = np.round(_blur_reference(_blur_reference(y, sigma).swapaxes(1, 2), sigma).swapaxes(1, 2))
+    return np.where(solarize & (y >= 128), 255 - y, y)
+
+
+@pytest.mark.parametrize("b,f,size", [(3, 2, 13), (2, 5, 16), (1, 1, 7)])
+def test_apply_photometric_matches_a_per_view_reference(b, f, size):
+    from dino_fast.data import batch_augment as ba
+    from dino_fast.data.recipe import view_recipes
+
+    rng = np.random.default_rng(size)
+    views = view_recipes((0.4, 1), (0.05, 0.4), f, size, size)[-f:]
+    views = [dataclasses.replace(v, solarize_p=0.5) for v in views]
+    d = ba.draw_batch(rng, np.full((b, 2), 64), views)
+    params = ba.view_params(d)
+    x = rng.integers(0, 256, (b, f, 3, size, size), dtype=np.uint8)
+    got = ba.apply_photometric(torch.from_numpy(x), torch.from_numpy(params))
+    assert len(got) == f and all(v.shape == (b, 3, size, size) and v.is_contiguous() for v in got)
+    levels = torch.stack([(v.double() * STD.view(1, 3, 1, 1) + MEAN.view(1, 3, 1, 1)) * 255 for v in got], 1)
+    expected = torch.tensor(np.stack([np.stack([
+        _photometric_reference(x[i, v].astype(np.float64), params[i, v, :9].reshape(3, 3).astype(np.float64),
+                               float(params[i, v, 9]), float(params[i, v, 10]), bool(params[i, v, 11]))
+        for v in range(f)]) for i in range(b)]))
+    # float32 vs float64: a value on a .5 boundary may round the other way (one level), rarely
+    assert_close(levels, expected, rtol=0, atol=1.0 + 1e-3, name="photometric levels")
+    assert (levels - expected).abs().gt(0.01).double().mean() < 0.01
+    bf16 = ba.apply_photometric(torch.from_numpy(x), torch.from_numpy(params), dtype=torch.bfloat16)
+    assert all(u.dtype == torch.bfloat16 and torch.equal(u, v.to(torch.bfloat16)) for u, v in zip(bf16, got))
+
+
+def test_apply_photometric_identity_and_solarize_threshold():
+    """Every uint8 value through identity colour and no blur: unchanged, or solarized exactly at >= 128."""
+    from dino_fast.data import batch_augment as ba
+
+    x = torch.arange(256, dtype=torch.uint8).view(16, 16).expand(1, 2, 3, 16, 16)  # (B, F, 3, H, W)
+    params = torch.zeros(1, 2, ba.NUM_VIEW_PARAMS)
+    params[..., :9] = torch.eye(3).flatten()
+    params[0, 1, 11] = 1.0  # view 1 solarized
+    plain, solarized = ((v.double() * STD.view(1, 3, 1, 1) + MEAN.view(1, 3, 1, 1)) * 255
+                        for v in ba.apply_photometric(x, params))
+    levels = torch.arange(256, dtype=torch.float64).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    assert_close(plain, levels, rtol=0, atol=1e-3, name="identity")
+    assert_close(solarized, torch.where(levels >= 128, 255 - levels, levels), rtol=0, atol=1e-3, name="solarize")
+
+
 # --- ImageFolderDataset -------------------------------------------------------------------------------------
 
 def write_images(folder, n: int, seed: int, ext: str = "jpg", size=(20, 16), mode="RGB") -> list:
@@ -292,18 +512,22 @@ def test_corrupt_image_replaced_by_next_warned_once_and_counted(tmp_path):
     assert ds.num_corrupt == 2
 
 
+def _train_data(root, **kw):
+    """The trainer's torchvision loader (build_train_data) over ``root``."""
+    base = dict(data_path=str(root), data_backend="torchvision", batch_size_per_gpu=4, num_workers=0,
+                local_crops_number=2, global_crops_size=16, local_crops_size=8, patch_size=8, seed=0)
+    return build_train_data(TrainConfig.from_dict({**base, **kw}), torch.device("cpu"))
+
+
 def test_corrupt_images_do_not_kill_the_epoch(tmp_path):
     truncated, garbage = make_corrupt_folder(tmp_path)
-    aug = DataAugmentationDINO(local_crops_number=2, global_crops_size=16, local_crops_size=8)
-    ds = ImageFolderDataset(tmp_path, transform=aug)
-    loader = build_train_loader(ds, batch_size=4, num_workers=0, seed=0, drop_last=False)
-    torch.manual_seed(0)
+    data = _train_data(tmp_path, batch_size_per_gpu=3)
     with pytest.warns(CorruptImageWarning) as record:
-        batches = list(loader)
+        batches = list(data.epoch(0))
     msgs = " ".join(str(w.message) for w in record)
     assert truncated.name in msgs and garbage.name in msgs
-    assert sum(len(labels) for _, labels in batches) == 9
-    assert ds.num_corrupt == 2
+    assert len(batches) == data.num_batches == 3 and all(v.shape[0] == 3 for b in batches for v in b)
+    assert data.dataset.num_corrupt == 2
 
 
 def test_all_corrupt_raises(tmp_path):
@@ -329,34 +553,28 @@ def test_collate_views_shapes_and_errors():
         collate_views([batch[0], (batch[1][0][:2], 1)])
 
 
-def test_train_loader_batches_and_worker_determinism(tmp_path):
+def test_train_data_batches_and_worker_determinism(tmp_path):
     for s, c in enumerate("abc"):
         write_images(tmp_path / c, 4, s)
-    aug = DataAugmentationDINO(local_crops_number=2, global_crops_size=16, local_crops_size=8)
-    ds = ImageFolderDataset(tmp_path, transform=aug)
 
-    def epoch(seed):
-        return list(build_train_loader(ds, batch_size=5, num_workers=2, seed=seed))
+    def epoch(seed, workers=2):
+        return list(_train_data(tmp_path, batch_size_per_gpu=5, num_workers=workers, seed=seed).epoch(0))
 
-    a, b, c = epoch(0), epoch(0), epoch(1)
-    assert len(a) == 2  # 12 samples, drop_last
-    views, labels = a[0]
-    assert [tuple(v.shape) for v in views] == [(5, 3, 16, 16)] * 2 + [(5, 3, 8, 8)] * 2
-    assert labels.shape == (5,)
-    same = all(torch.equal(x, y) for (va, la), (vb, lb) in zip(a, b) for x, y in zip(va + [la], vb + [lb]))
-    assert same, "same seed gave different batches"
-    assert not all(torch.equal(x, y) for (va, _), (vc, _) in zip(a, c) for x, y in zip(va, vc))
+    a, b, c, d = epoch(0), epoch(0), epoch(1), epoch(0, workers=0)
+    assert len(a) == 2  # 12 samples, the tail that does not fill a batch dropped
+    assert [tuple(v.shape) for v in a[0]] == [(5, 3, 16, 16)] * 2 + [(5, 3, 8, 8)] * 2
+    same = lambda x, y: all(torch.equal(u, v) for bx, by in zip(x, y) for u, v in zip(bx, by))  # noqa: E731
+    assert same(a, b), "same seed gave different batches"
+    assert same(a, d), "the views depend on the number of workers"
+    assert not same(a, c)
 
 
-def test_train_loader_argument_errors(tmp_path):
+def test_train_data_argument_errors(tmp_path):
     write_images(tmp_path / "a", 3, 0)
-    ds = ImageFolderDataset(tmp_path)
-    with pytest.raises(DataError, match="fewer than batch_size"):
-        build_train_loader(ds, batch_size=4, num_workers=0, seed=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        build_train_loader(ds, batch_size=0, num_workers=0, seed=0)
-    with pytest.raises(ValueError, match="num_workers"):
-        build_train_loader(ds, batch_size=1, num_workers=-1, seed=0)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        _train_data(tmp_path, batch_size_per_gpu=4)
+    with pytest.raises(ConfigError, match="data_path"):
+        _train_data("")
 
 
 # --- demo dataset -------------------------------------------------------------------------------------------

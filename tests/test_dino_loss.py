@@ -1,14 +1,19 @@
-"""DINO loss: reference vs an independent per-pair loop, fused Triton kernel vs reference
-(loss, student gradient, teacher column sums), center update, the DINOLoss module both ways,
-input validation and state dicts. On CPU the kernels run through the Triton interpreter."""
+"""DINO loss: reference vs an independent per-pair loop, the split-K fused kernels vs reference
+(loss, student gradient, teacher statistics and column sums), the device-side backward scale,
+Sinkhorn-Knopp centering (vs the paper's definition, on 1 and 2 gloo ranks, fused vs reference),
+center update, the DINOLoss module both ways, input validation and state dicts. On CPU the
+kernels run through the Triton interpreter."""
 from __future__ import annotations
 
+import socket
 import zlib
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from dino_fast.loss import DINOLoss, dino_loss_reference
+from dino_fast.loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference, sinkhorn_knopp_teacher
 from tests.helpers import POISON, TOL, assert_close, requires_cuda
 
 dl = pytest.importorskip("dino_fast.kernels.dino_loss")
@@ -83,28 +88,34 @@ def test_reference_matches_per_pair_loop(batch, ncrops, k, n_global, teacher_tem
 
 # ----------------------------------------------------------------------------- (b) fused vs reference
 
-SHAPES = [  # (B, V, K, block_k): K not a block multiple, tiny, odd B, forced small blocks
-    (2, 2, 1000, None),
-    (2, 3, 1000, 128),
-    (3, 6, 4097, None),
-    (1, 3, 4097, 1024),
-    (2, 3, 7, None),
-    (1, 2, 1, None),
-    (2, 2, 65536, None),
-    (1, 6, 65536, None),
+SHAPES = [  # (B, V, K, block_k, split_k, G): K not a multiple of block or range, tiny, odd B, many ranges
+    (2, 2, 1000, None, None, 2),
+    (2, 3, 1000, 128, 256, 2),
+    (3, 6, 4097, None, 1024, 2),
+    (1, 3, 4097, 1024, 2048, 2),
+    (2, 3, 7, None, None, 2),
+    (2, 3, 7, 2, 4, 2),
+    (1, 2, 1, None, None, 2),
+    (3, 5, 333, 64, 100, 2),  # range neither a power of two nor a multiple of the block
+    (2, 2, 65536, None, None, 2),
+    (1, 6, 65536, 4096, 8192, 2),
+    (2, 3, 300, 64, 128, 1),  # other numbers of global views
+    (2, 5, 300, 64, 128, 3),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("teacher_temp", [0.04, 0.07])
-@pytest.mark.parametrize("batch,ncrops,k,block_k", SHAPES)
-def test_fused_matches_reference(batch, ncrops, k, block_k, teacher_temp, dtype, device, poisoned):
-    _seed("fused", batch, ncrops, k, block_k, teacher_temp, dtype)
-    s, t, c = _inputs(batch, ncrops, k, dtype, device)
-    loss, col_sum = dl.fused_dino_loss(s, t, c, 0.1, teacher_temp, ncrops, block_k=block_k)
+@pytest.mark.parametrize("case", range(len(SHAPES)), ids=[str(shape) for shape in SHAPES])
+def test_fused_matches_reference(case, dtype, device, poisoned):
+    batch, ncrops, k, block_k, split_k, n_global = SHAPES[case]
+    teacher_temp = (0.04, 0.07)[(case + (dtype == torch.bfloat16)) % 2]  # both temperatures per dtype and shape kind
+    _seed("fused", batch, ncrops, k, block_k, split_k, teacher_temp, dtype)
+    s, t, c = _inputs(batch, ncrops, k, dtype, device, n_global)
+    loss, col_sum = dl.fused_dino_loss(s, t, c, 0.1, teacher_temp, ncrops, n_global, block_k=block_k,
+                                       split_k=split_k)
     loss.backward()
     grad, s.grad = s.grad, None
-    ref = dino_loss_reference(s, t, c, 0.1, teacher_temp, ncrops)
+    ref = dino_loss_reference(s, t, c, 0.1, teacher_temp, ncrops, n_global)
     ref.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert grad.dtype == dtype and not col_sum.requires_grad
@@ -112,19 +123,6 @@ def test_fused_matches_reference(batch, ncrops, k, block_k, teacher_temp, dtype,
     assert_close(loss, ref, torch.float32, name="loss")
     assert_close(grad, s.grad, dtype, atol=_grad_atol(dtype, s.grad.float()), name="student grad")
     assert_close(col_sum, t.double().sum(0), torch.float32, atol=1e-5, name="teacher column sum")
-
-
-@pytest.mark.parametrize("n_global,ncrops", [(1, 3), (3, 5)])
-def test_fused_other_global_counts(n_global, ncrops, device, poisoned):
-    _seed("globals", n_global, ncrops)
-    s, t, c = _inputs(2, ncrops, 300, torch.float32, device, n_global)
-    loss, _ = dl.fused_dino_loss(s, t, c, 0.1, 0.05, ncrops, n_global, block_k=128)
-    loss.backward()
-    grad, s.grad = s.grad, None
-    ref = dino_loss_reference(s, t, c, 0.1, 0.05, ncrops, n_global)
-    ref.backward()
-    assert_close(loss, ref, name="loss")
-    assert_close(grad, s.grad, atol=_grad_atol(torch.float32, s.grad), name="student grad")
 
 
 def test_fused_fp16_noncontiguous_scaled_grad(device, poisoned):
@@ -135,7 +133,7 @@ def test_fused_fp16_noncontiguous_scaled_grad(device, poisoned):
     s = wide[:, 2:2 + k]
     t = torch.randn(2 * batch, k + 3, device=device).half()[:, 1:1 + k]
     c = 0.1 * torch.randn(k, device=device)  # (K,) center is accepted too
-    loss, col_sum = dl.fused_dino_loss(s, t, c, 0.1, 0.04, ncrops)
+    loss, col_sum = dl.fused_dino_loss(s, t, c, 0.1, 0.04, ncrops, split_k=256)
     (3.0 * loss).backward()
     grad, wide.grad = wide.grad, None
     ref = dino_loss_reference(s, t, c, 0.1, 0.04, ncrops)
@@ -158,29 +156,43 @@ def test_fused_inplace_and_no_grad(device):
     # inplace: the gradient overwrites the logits buffer
     logits = s.detach().clone().requires_grad_()
     buffer = logits.data
-    loss, _ = dl.fused_dino_loss(logits, t, c, 0.1, 0.04, 3, inplace=True, block_k=64)
+    loss, _ = dl.fused_dino_loss(logits, t, c, 0.1, 0.04, 3, inplace=True, block_k=64, split_k=192)
     loss.backward()
     assert_close(loss, ref, name="inplace loss")
     assert_close(logits.grad, s.grad, atol=_grad_atol(torch.float32, s.grad), name="inplace grad")
     assert_close(buffer, s.grad, atol=_grad_atol(torch.float32, s.grad), name="logits buffer holds the grad")
-
-
-def test_fused_backward_twice_raises(device):
-    _seed("twice")
-    s, t, c = _inputs(1, 2, 64, torch.float32, device)
-    loss, _ = dl.fused_dino_loss(s, t, c, 0.1, 0.04, 2)
+    loss, _ = dl.fused_dino_loss(logits, t, c, 0.1, 0.04, 3)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward can run once"):
         loss.backward()
 
 
-def test_teacher_column_sum_deterministic(device):
-    _seed("det")
-    t = torch.randn(64, 3001, device=device)
-    c = torch.zeros(3001, device=device)
-    _, a = dl.dino_teacher_forward(t, c, 0.04)
-    _, b = dl.dino_teacher_forward(t, c, 0.04)
-    assert torch.equal(a, b)
+@pytest.mark.parametrize("rows,k,block_k,split_k", [(1, 5, None, None), (19, 1000, 64, 192), (65, 4097, 512, 1024)])
+def test_teacher_stats_partials(rows, k, block_k, split_k, device, poisoned):
+    """Each range's (max, sum exp) equals torch's on that slice of the centered logits; the
+    column sums (several row blocks) are bitwise the same on a second run (no atomics)."""
+    _seed("stats", rows, k, split_k)
+    t = torch.randn(rows, k, device=device)
+    c = torch.randn(k, device=device)
+    stats = dl.dino_teacher_stats(t, c, 0.05, block_k=block_k, split_k=split_k)
+    x = ((t.double() - c.double()) / 0.05).split(split_k or k, dim=1)
+    expected_max = torch.stack([xc.max(dim=1).values for xc in x], dim=1)
+    expected_sum = torch.stack([torch.exp(xc - xc.max(dim=1, keepdim=True).values).sum(1) for xc in x], dim=1)
+    assert_close(stats.max, expected_max, name="range max")
+    assert_close(stats.sum, expected_sum, name="range sum")
+    assert_close(stats.col_sum, t.double().sum(0), atol=1e-5, name="column sums")
+    assert torch.equal(stats.col_sum, dl.dino_teacher_stats(t, c, 0.05, block_k=block_k, split_k=split_k).col_sum)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_scale_kernel(scale, device):
+    """x *= scale, the scale read on the device (a NaN element stays NaN either way)."""
+    _seed("scale", scale)
+    x = torch.randn(70001, device=device)
+    x[5] = float("nan")
+    expected = x * scale
+    dl.scale_(x, torch.tensor(scale, device=device))
+    assert torch.equal(x[:5], expected[:5]) and torch.equal(x[6:], expected[6:]) and x[5].isnan()
 
 
 # ----------------------------------------------------------------------------- (c), (d) module and center
@@ -320,17 +332,136 @@ def test_state_dict_has_official_center():
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_training_size_cuda(dtype, poisoned):
-    """A training-like size: many programs, several teacher row blocks, default blocks."""
+@pytest.mark.parametrize("dtype,k,inplace", [(torch.float32, 65536, False), (torch.bfloat16, 40000, True)],
+                         ids=["fp32", "bf16-inplace"])
+def test_fused_training_size_cuda(dtype, k, inplace, poisoned):
+    """A training-like size: many programs, several teacher row blocks, autotuned blocks. In place
+    at a K not tuned before: the tuner's trial runs must restore the logits they overwrite."""
     _seed("cuda-size", dtype)
-    batch, ncrops, k = 32, 10, 65536
+    batch, ncrops = 32, 10
     s, t, c = _inputs(batch, ncrops, k, dtype, torch.device("cuda"))
-    loss, col_sum = dl.fused_dino_loss(s, t, c, 0.1, 0.04, ncrops)
+    logits = s.detach().clone().requires_grad_()
+    loss, col_sum = dl.fused_dino_loss(logits, t, c, 0.1, 0.04, ncrops, inplace=inplace)
     loss.backward()
-    grad, s.grad = s.grad, None
+    grad = logits.grad
     ref = dino_loss_reference(s, t, c, 0.1, 0.04, ncrops)
     ref.backward()
     assert_close(loss, ref, torch.float32, name="loss")
     assert_close(grad, s.grad, dtype, atol=_grad_atol(dtype, s.grad.float()), name="student grad")
     assert_close(col_sum, t.double().sum(0), torch.float32, atol=1e-4, name="teacher column sum")
+
+
+# ----------------------------------------------------------------------------- (g) Sinkhorn-Knopp centering
+
+
+def _sinkhorn_paper(t: torch.Tensor, tau: float, n_iterations: int = 3) -> torch.Tensor:
+    """DINOv2 / SwAV's definition in float64 loops: Q = exp(t / tau)^T (K x B), total 1, then rows
+    to 1/K and columns to 1/B alternately; return B * Q^T (no max subtraction)."""
+    q = torch.exp(t.double() / tau).t().clone()
+    n_proto, n_samples = q.shape
+    q /= q.sum()
+    for _ in range(n_iterations):
+        for k in range(n_proto):
+            q[k] = q[k] / q[k].sum() / n_proto
+        for b in range(n_samples):
+            q[:, b] = q[:, b] / q[:, b].sum() / n_samples
+    return (q * n_samples).t()
+
+
+@pytest.mark.parametrize("rows,k,tau", [(2, 3, 0.5), (6, 17, 0.07), (9, 40, 0.04)])
+def test_sinkhorn_matches_paper_definition(rows, k, tau):
+    """Values, and the marginals of the transport plan; large logits (exp(t / tau) overflows fp32)
+    give the float64 plan."""
+    _seed("sk", rows, k, tau)
+    t = 0.1 * torch.randn(rows, k)  # small enough that exp(t / tau) is finite in the plain form
+    q = sinkhorn_knopp_teacher(t, tau)
+    assert q.dtype == torch.float32 and q.shape == (rows, k)
+    assert_close(q, _sinkhorn_paper(t, tau), name="Sinkhorn-Knopp plan")
+    assert_close(q.sum(dim=1), torch.ones(rows), name="each sample's probabilities sum to 1")
+    # the last step normalises samples; prototypes come out near 1/K of the mass (exactly only in the limit)
+    assert_close(q.sum(dim=0), torch.full((k,), rows / k), rtol=0.5, atol=0, name="prototype mass")
+    many = sinkhorn_knopp_teacher(t, tau, n_iterations=200)
+    assert_close(many.sum(dim=0), torch.full((k,), rows / k), rtol=1e-4, atol=0, name="prototype mass, converged")
+    large = 100.0 * t
+    assert_close(sinkhorn_knopp_teacher(large, tau), sinkhorn_knopp_teacher(large.double(), tau), atol=1e-6,
+                 name="large logits: fp32 vs fp64 plan")
+
+
+def _sinkhorn_rank(rank: int, world: int, port: int, teacher: torch.Tensor, student: torch.Tensor, out: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (as DataLoader workers)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        n_global, ncrops = 2, student.shape[0] * 2 // teacher.shape[0]
+        per = teacher.shape[0] // n_global // world  # images per rank, each rank holds all views of its images
+        k = teacher.shape[1]
+        mine_t = teacher.view(n_global, -1, k)[:, rank * per:(rank + 1) * per].reshape(-1, k)
+        mine_s = student.view(ncrops, -1, k)[:, rank * per:(rank + 1) * per].reshape(-1, k)
+        module = DINOLoss(teacher.shape[1], ncrops, 0.04, 0.04, 0, 1, impl="torch", centering="sinkhorn_knopp")
+        torch.save({"q": sinkhorn_knopp_teacher(mine_t, 0.05), "loss": module(mine_s, mine_t, 0, teacher_temp=0.05)},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sinkhorn_two_ranks_equal_one(tmp_path):
+    """Half the images on each of 2 gloo ranks: each rank's plan is its rows of the full-batch plan,
+    and the mean of the ranks' losses is the one-process loss."""
+    _seed("sk-dist")
+    batch, ncrops, k = 4, 3, 30
+    teacher = torch.randn(2 * batch, k)
+    student = torch.randn(ncrops * batch, k)
+    # fork: the children share the imported modules (spawn would re-import torch and dino_fast in each)
+    mp.start_processes(_sinkhorn_rank, args=(2, _free_port(), teacher, student, str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    full_q = sinkhorn_knopp_teacher(teacher, 0.05).view(2, batch, k)
+    module = DINOLoss(k, ncrops, 0.04, 0.04, 0, 1, impl="torch", centering="sinkhorn_knopp")
+    full_loss = module(student, teacher, 0, teacher_temp=0.05)
+    losses = []
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        expected = full_q[:, rank * batch // 2:(rank + 1) * batch // 2].reshape(-1, k)
+        assert_close(got["q"], expected, name=f"rank {rank} plan")
+        losses.append(got["loss"])
+    assert_close(sum(losses) / 2, full_loss, name="loss over ranks")
+
+
+@pytest.mark.parametrize("batch,ncrops,k,split_k", [(1, 2, 33, None), (3, 4, 1000, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_from_probs_matches_reference(batch, ncrops, k, split_k, dtype, device, poisoned):
+    _seed("probs", batch, ncrops, k, dtype)
+    s, t, _ = _inputs(batch, ncrops, k, dtype, device)
+    probs = sinkhorn_knopp_teacher(t, 0.04)
+    loss = dl.fused_dino_loss_from_probs(s, probs, 0.1, ncrops, split_k=split_k)
+    loss.backward()
+    grad, s.grad = s.grad, None
+    ref = dino_loss_from_probs_reference(s, probs, 0.1, ncrops)
+    ref.backward()
+    assert_close(loss, ref, torch.float32, name="loss")
+    assert_close(grad, s.grad, dtype, atol=_grad_atol(dtype, s.grad.float()), name="student grad")
+
+
+def test_module_sinkhorn_triton_vs_torch(device, poisoned):
+    _seed("module-sk")
+    fused, plain = _module_pair(500, 4, device, centering="sinkhorn_knopp")
+    s, t, _ = _inputs(3, 4, 500, torch.float32, device)
+    losses, grads = [], []
+    for module in (fused, plain):
+        loss = module(s, t, 1)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(s.grad)
+        s.grad = None
+    assert_close(losses[0], losses[1], name="loss")
+    assert_close(grads[0], grads[1], atol=_grad_atol(torch.float32, grads[1]), name="grad")
+    assert_close(losses[1], dino_loss_from_probs_reference(s, sinkhorn_knopp_teacher(t, plain.teacher_temp_at(1)),
+                                                           0.1, 4), name="module = reference on the plan")
+    assert float(fused.center.abs().sum()) == 0 == float(plain.center.abs().sum())  # no center with SK
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(10, 3, 0.04, 0.07, 2, 4, centering="sinkhorn")
+

@@ -24,15 +24,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dino_fast.checkpoint import latest_checkpoint, prune_checkpoints
+from dino_fast.checkpoint import consolidate
 from dino_fast.config import ConfigError
-from dino_fast.data.demo import make_demo_dataset
-from dino_fast.dist_checkpoint import consolidate
 from dino_fast.distributed import is_distributed
 from dino_fast.eval.knn import knn_eval
 from dino_fast.pretrained import load_pretrained
 from dino_fast.train import Trainer
 from tests.helpers import assert_close, requires_cuda
+from tests.helpers import legacy_checkpoint
 from tests.test_train import tiny_cfg
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -144,7 +143,7 @@ class _InjectedCrash(RuntimeError):
 def _rank_train_crash_resume(rank: int, world: int, data: Path, out: Path, res: Path) -> None:
     """Fresh 2-rank run whose save at step STEPS dies after the shards are written but before
     the rename; then a new trainer resumes with resume=auto and trains to STEPS again."""
-    import dino_fast.dist_checkpoint as dc
+    import dino_fast.checkpoint as dc
     from torch.distributed.tensor import DTensor
 
     cfg = _cfg(data, out, B)
@@ -156,7 +155,7 @@ def _rank_train_crash_resume(rank: int, world: int, data: Path, out: Path, res: 
 
     def crashing_save(state: dict, **kw: Any) -> None:
         real_save(state, **kw)
-        if state["step"] == STEPS:
+        if state["train"]["step"] == STEPS:
             raise _InjectedCrash("killed mid-save")
 
     dc.dcp.save = crashing_save
@@ -221,7 +220,7 @@ def _rank_fsdp_one_process(rank: int, world: int, data: Path, out: Path, res: Pa
 
 def _rank_resume_on_two(rank: int, world: int, data: Path, out: Path, res: Path, file_ckpt: str,
                         dcp_ckpt: str) -> None:
-    """2 ranks resume (a) a single-process .pth file and (b) a 1-rank DCP directory."""
+    """2 ranks resume (a) a single file of earlier versions and (b) a 1-rank DCP directory."""
     for name, ckpt in (("from_file", file_ckpt), ("from_dcp1", dcp_ckpt)):
         trainer = Trainer(_cfg(data, out / name, B, resume=ckpt))
         trainer.fit()
@@ -253,20 +252,26 @@ def _rank_cuda_fsdp(rank: int, world: int, data: Path, out: Path, res: Path) -> 
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train_per_class=4, n_val_per_class=2, size=32)
+def demo(demo_root) -> Path:
+    return demo_root
 
 
 @pytest.fixture(scope="module")
 def reference(demo, tmp_path_factory) -> dict[str, Any]:
-    """1 process, batch 2B, not sharded: single-file checkpoints at steps 2 and 4."""
+    """1 process, batch 2B, not sharded: checkpoints at steps 2 and 4, and at step 2 also a
+    single file in the format of earlier versions (resumed through the one-way converter)."""
     out = tmp_path_factory.mktemp("ref")
-    trainer = Trainer(_cfg(demo, out, 2 * B), device=CPU)
+    trainer = Trainer(_cfg(demo, out, 2 * B, max_steps=2), device=CPU)
     assert not trainer.sharded
     init = _full_state(trainer)
     trainer.fit()
-    lr_sum = sum(trainer.sched.at(step)[0] for step in range(STEPS))
-    return {"out": out, "init": init, "state": _full_state(trainer), "losses": _losses(out), "lr_sum": lr_sum}
+    legacy = out / "legacy-00000002.pth"
+    torch.save(legacy_checkpoint(trainer), legacy)
+    trainer = Trainer(_cfg(demo, out, 2 * B, resume="auto"), device=CPU)  # resume is exact (test_train)
+    trainer.fit()
+    lr_sum = sum(trainer.plan.at(step).lr for step in range(STEPS))
+    return {"out": out, "init": init, "state": _full_state(trainer), "losses": _losses(out), "lr_sum": lr_sum,
+            "legacy": legacy}
 
 
 @pytest.fixture(scope="module")
@@ -330,8 +335,8 @@ def test_resume_on_two_ranks_from_file_and_one_rank_dcp(demo, reference, tmp_pat
     _spawn(_rank_fsdp_one_process, 1, demo, tmp_path / "one", res)
     one_rank_dcp = tmp_path / "one" / "checkpoints" / "step-00000002"
     assert (one_rank_dcp / ".metadata").is_file()
-    file_ckpt = reference["out"] / "checkpoints" / "checkpoint-00000002.pth"
-    ref2 = torch.load(file_ckpt, weights_only=False)
+    file_ckpt = reference["legacy"]
+    ref2 = consolidate(reference["out"] / "checkpoints" / "step-00000002")
     ref2 = {**{f"student.{k}": v for k, v in ref2["student"].items()},
             **{f"teacher.{k}": v for k, v in ref2["teacher"].items()}, "center": ref2["dino_loss"]["center"]}
     _assert_states_close(torch.load(res / "one_rank_step2.pt"), ref2, "1-rank FSDP + activation checkpointing",
@@ -347,22 +352,6 @@ def test_ranks_with_different_configs_fail_clearly(demo, tmp_path):
     for rank in (0, 1):
         msg = (tmp_path / f"mismatch_rank{rank}.txt").read_text()
         assert "different configs" in msg and "lr: rank 0 has 0.001, rank 1 has 0.002" in msg
-
-
-def test_latest_checkpoint_mixes_formats_and_skips_tmp(tmp_path):
-    ck = tmp_path / "checkpoints"
-    ck.mkdir()
-    (ck / "checkpoint-00000002.pth").write_bytes(b"x")
-    (ck / "step-00000004").mkdir()
-    (ck / "step-00000004" / ".metadata").write_bytes(b"x")
-    (ck / "step-00000006").mkdir()  # no .metadata: not complete
-    (ck / "step-00000008.tmp").mkdir()
-    (ck / "step-00000008.tmp" / ".metadata").write_bytes(b"x")
-    assert latest_checkpoint(tmp_path) == ck / "step-00000004"
-    (ck / "checkpoint-00000005.pth").write_bytes(b"x")
-    assert latest_checkpoint(tmp_path) == ck / "checkpoint-00000005.pth"
-    prune_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint-00000005.pth", "step-00000004", "step-00000006"]
 
 
 @requires_cuda

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from dino_fast.errors import ConfigError, DataError
 from dino_fast.eval.features import backbone_features, eval_transform, extract_features
 from dino_fast.eval.linear import (LinearClassifier, accuracy, load_linear_classifier, main, run_linear_probe)
 from dino_fast.models import build_backbone
@@ -24,13 +26,20 @@ def separable(seed: int, n_per_class: int, classes: int, dim: int):
     return feats[perm], labels[perm]
 
 
-def write_image_folder(root, classes: int = 2, per_class: int = 3, seed: int = 0, size=(40, 34)) -> None:
+def write_image_folder(root, classes: int = 2, per_class: int = 3, seed: int = 0, size=(40, 34),
+                       names=None, solid: bool = False) -> None:
+    """``root/<class>/img<i>.png``: classes ``class0..`` or ``names``; random pixels, or with
+    ``solid`` one flat color per class NAME (same name, same images in every folder)."""
     rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
+    for c, name in enumerate(names if names is not None else [f"class{c}" for c in range(classes)]):
+        (root / name).mkdir(parents=True)
+        color = np.random.default_rng(zlib.crc32(name.encode())).integers(0, 256, 3, dtype=np.uint8)
         for i in range(per_class):
-            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(arr).save(root / f"class{c}" / f"img{i}.png")
+            if solid:
+                arr = np.broadcast_to(color, (size[1], size[0], 3)).copy()
+            else:
+                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / name / f"img{i}.png")
 
 
 # ----------------------------------------------------------------------------- probe
@@ -206,3 +215,96 @@ def test_main_end_to_end(tmp_path, mode):
     assert (clf.linear.in_features, clf.num_labels) == (192, 2)
     if mode == "cached":
         assert (out / "features_train.pt").is_file() and (out / "features_val.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- user mistakes
+@pytest.fixture(scope="module")
+def depth2_weights(tmp_path_factory):
+    from dino_fast.pretrained import save_official_backbone
+
+    torch.manual_seed(0)
+    return save_official_backbone(build_backbone("vit_tiny", 16, depth=2), tmp_path_factory.mktemp("w") / "w.pth")
+
+
+def _linear_argv(weights, data, out, *extra):
+    return ["--pretrained_weights", str(weights), "--data_path", str(data), "--epochs", "1", "--batch_size", "4",
+            "--num_workers", "0", "--resize", "36", "--crop", "32", "--device", "cpu", "--output_dir", str(out),
+            *extra]
+
+
+def _split_folders(data, train_names, val_names):
+    write_image_folder(data / "train", names=train_names, per_class=2, seed=1)
+    write_image_folder(data / "val", names=val_names, per_class=2, seed=2)
+
+
+def test_main_default_n_last_blocks_is_capped_by_depth(tmp_path, depth2_weights):
+    """Default min(4, depth): a 2-block backbone gets 2 CLS tokens, not the traceback of 4."""
+    _split_folders(tmp_path / "data", ["a", "b", "c"], ["a", "b", "c"])
+    assert main(_linear_argv(depth2_weights, tmp_path / "data", tmp_path / "out")) == 0
+    clf = load_linear_classifier(tmp_path / "out" / "linear.pth")
+    assert (clf.linear.in_features, clf.num_labels) == (2 * 192, 3)
+
+
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_main_n_last_blocks_above_depth_is_an_error(tmp_path, depth2_weights, mode):
+    _split_folders(tmp_path / "data", ["a", "b"], ["a", "b"])
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as e:
+        main(_linear_argv(depth2_weights, tmp_path / "data", out, "--n_last_blocks", "5", "--mode", mode))
+    assert str(e.value).startswith("n_last_blocks=5 but the backbone has 2 blocks: choose 1..2"), str(e.value)
+    assert not out.exists(), "nothing may be written before the checks"
+
+
+def test_main_one_class_is_an_error(tmp_path, depth2_weights):
+    _split_folders(tmp_path / "data", ["only"], ["only"])
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as e:
+        main(_linear_argv(depth2_weights, tmp_path / "data", out))
+    msg = str(e.value)
+    assert "linear probe" in msg and str(tmp_path / "data" / "train") in msg and "['only']" in msg, msg
+    assert "at least 2 classes" in msg and not out.exists()
+    with pytest.raises(DataError, match="one class"):  # the library refuses it too
+        x, _ = separable(0, 4, 2, 8)
+        run_linear_probe(x, torch.zeros(8, dtype=torch.long), x, torch.zeros(8, dtype=torch.long), epochs=1)
+
+
+def test_main_class_mismatch(tmp_path, depth2_weights, caplog):
+    import logging
+
+    _split_folders(tmp_path / "data", ["cat", "dog"], ["cat", "dog", "fox"])
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as e:
+        main(_linear_argv(depth2_weights, tmp_path / "data", out))
+    msg = str(e.value)
+    assert "differ (labels are matched by folder name): only in val ['fox']; " in msg, msg
+    assert "only in train" not in msg and "--allow_class_mismatch" in msg
+    assert not out.exists()
+    with caplog.at_level(logging.WARNING):
+        assert main(_linear_argv(depth2_weights, tmp_path / "data", out, "--allow_class_mismatch")) == 0
+    assert load_linear_classifier(out / "linear.pth").num_labels == 2
+    assert any("dropped 2 val images" in r.message and "'fox'" in r.message for r in caplog.records), caplog.text
+
+
+def test_main_output_dir_and_flags(tmp_path, depth2_weights):
+    _split_folders(tmp_path / "data", ["a", "b"], ["a", "b"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"output_dir {tmp_path / 'file'} is a file"):
+        main(_linear_argv(depth2_weights, tmp_path / "data", tmp_path / "file"))
+    with pytest.raises(ConfigError, match=f"output_dir {tmp_path / 'file' / 'o'} lies under {tmp_path / 'file'}"):
+        main(_linear_argv(depth2_weights, tmp_path / "data", tmp_path / "file" / "o"))
+    with pytest.raises(ConfigError, match="--crop 32 is larger than --resize 30"):
+        main(_linear_argv(depth2_weights, tmp_path / "data", tmp_path / "o", "--resize", "30"))
+    with pytest.raises(DataError, match=f"data folder not found: {tmp_path / 'nope' / 'train'}"):
+        main(_linear_argv(depth2_weights, tmp_path / "nope", tmp_path / "o"))
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "o").exists()
+
+
+def test_cli_linear_prints_one_line(tmp_path, depth2_weights, capsys):
+    from dino_fast.cli import main as cli_main
+
+    _split_folders(tmp_path / "data", ["a", "b"], ["a", "b"])
+    rc = cli_main(["linear", *_linear_argv(depth2_weights, tmp_path / "data", tmp_path / "out", "--n_last_blocks",
+                                           "3")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["dino-fast: error: n_last_blocks=3 but the backbone has 2 blocks: choose 1..2 "
+                               "(default min(4, depth) = 2)"], err

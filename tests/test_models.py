@@ -13,11 +13,18 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dino_fast.models import (ARCHS, DINOHead, DinoViT, MultiCropWrapper, PackedSeqlens, build_backbone,
                               interpolate_pos_encoding, set_attn_backend, xformers_usable)
-from dino_fast.models.vit import _packed_drop_path
+from dino_fast.models.vit import _packed_drop_path, _same_size_runs
 from tests.helpers import assert_close, requires_cuda
+from tests.test_attention import fp32_tol, use_twins
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 pytestmark = pytest.mark.usefixtures("no_tf32")  # tight fp32 tolerances
+
+
+@pytest.fixture
+def twins(monkeypatch):
+    """varlen / flex through their CPU twins (see tests/test_attention.py)."""
+    use_twins(monkeypatch)
 
 
 # --- references written from the official DINO vision_transformer.py --------------------------
@@ -178,32 +185,71 @@ def test_interpolate_pos_encoding_identity_and_errors():
 
 
 # --- packed multi-crop forward ---------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
-def test_packed_equals_per_resolution(backend, device):
-    """2 globals at 32 px + 3 locals at 16 px, patch 8: CLS outputs and parameter gradients."""
-    ref = timm_reference(depth=2, patch_size=8, seed=11, device=device)
+@pytest.mark.parametrize("backend", ["sdpa", "math", "varlen", "flex"])
+@pytest.mark.parametrize("sizes", [(32, 32, 16, 16, 16), (40, 40, 24, 16, 24)])
+def test_packed_equals_per_resolution(backend, sizes, device, twins):
+    """Globals + locals (patch 8; 17, 26, 10, 5-token sequences): one packed pass vs one pass per
+    resolution on the math backend, CLS outputs and every parameter's gradient."""
+    ref = timm_reference(depth=2, patch_size=8, seed=11 + sizes[-1], device=device)
     model = load_from(ref, backend, device, drop_path_rate=0.2)  # eval(): drop path off, must not matter
-    xs = views(batch=2, seed=5, device=device)
+    reference = load_from(ref, "math", device)
+    xs = views(batch=2, seed=5, device=device, sizes=sizes)
     packed = model.forward_packed(xs)
-    per_res = torch.cat([model(torch.cat(xs[:2])), model(torch.cat(xs[2:]))])
+    per_res = torch.cat([reference(torch.cat(xs[s:e])) for s, e in _same_size_runs(xs)])
     assert packed.shape == (10, 192)
-    assert_close(packed, per_res, name="packed CLS", **FP32)
+    tol = fp32_tol(device, backend)
+    assert_close(packed, per_res, name=f"{backend} packed CLS", **tol)
     with torch.no_grad():
-        assert_close(packed[:2], official_forward(ref, xs[0], 8), name="packed CLS vs official", **FP32)
+        assert_close(packed[:2], official_forward(ref, xs[0], 8), name="packed CLS vs official", **tol)
     g = torch.randn_like(packed)
-    params = [p for p in model.parameters()]
-    grads = torch.autograd.grad(packed, params, g)
-    grads_ref = torch.autograd.grad(per_res, params, g)
+    grads = torch.autograd.grad(packed, list(model.parameters()), g)
+    grads_ref = torch.autograd.grad(per_res, list(reference.parameters()), g)
     for (name, _), a, b in zip(model.named_parameters(), grads, grads_ref):
-        assert_close(a, b, name=f"grad {name}", **FP32)
+        assert_close(a, b, name=f"{backend} grad {name}", **tol)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "varlen", "flex"])
 @pytest.mark.parametrize("sizes", [(16, 32, 16, 32), (24,)])
-def test_packed_interleaved_and_single_view(sizes, device):
-    model = load_from(timm_reference(depth=1, patch_size=8, seed=3, device=device), "sdpa", device)
+def test_packed_interleaved_and_single_view(backend, sizes, device, twins):
+    model = load_from(timm_reference(depth=1, patch_size=8, seed=3, device=device), backend, device)
     xs = views(batch=3, seed=7, device=device, sizes=sizes)
     with torch.no_grad():
-        assert_close(model.forward_packed(xs), torch.cat([model(x) for x in xs]), name="packed", **FP32)
+        assert_close(model.forward_packed(xs), torch.cat([model(x) for x in xs]), name=f"{backend} packed",
+                     **fp32_tol(device, backend))
+
+
+@pytest.mark.parametrize("backend", ["auto", "varlen", "flex"])
+def test_packed_with_compiled_blocks(backend, twins):
+    """The trainer torch.compile's every block: the packed path (backend resolution, cached
+    cu_seqlens / block mask read inside the block) must trace and agree with eager. Dynamo only
+    (backend="eager"): inductor on 2 CPU cores would take minutes."""
+    model = load_from(timm_reference(depth=2, patch_size=8, seed=17), backend, "cpu")
+    xs = views(batch=2, seed=8, device="cpu", sizes=(24, 16, 16))
+    try:
+        with torch.no_grad():
+            expected = model.forward_packed(xs)
+            for blk in model.blocks:
+                blk.compile(backend="eager")
+            out = model.forward_packed(xs)
+    finally:
+        torch._dynamo.reset()
+    assert_close(out, expected, name=f"{backend} compiled blocks", rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "varlen"])
+def test_packed_with_activation_checkpointing(backend, device, twins):
+    """Checkpointed blocks recompute with the same PackedSeqlens: same CLS and gradients."""
+    model = load_from(timm_reference(depth=2, patch_size=8, seed=13, device=device), backend, device)
+    xs = views(batch=2, seed=4, device=device, sizes=(24, 16, 16))
+    outs, grads = [], []
+    for ckpt in (False, True):
+        model.set_grad_checkpointing(ckpt)
+        out = model.forward_packed(xs)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, list(model.parameters()), torch.ones_like(out)))
+    assert_close(outs[1], outs[0], name="checkpointed CLS", **fp32_tol(device, backend))
+    for (name, _), a, b in zip(model.named_parameters(), grads[1], grads[0]):
+        assert_close(a, b, name=f"checkpointed grad {name}", **fp32_tol(device, backend))
 
 
 def test_packed_drop_path_is_per_sequence():
@@ -244,6 +290,84 @@ def test_multicrop_wrapper_matches_per_view(packed, device):
         wrapper([])
     with pytest.raises(TypeError, match="forward_packed"):
         MultiCropWrapper(nn.Linear(3, 3), head, packed=True)
+
+
+# --- masked image modelling (iBOT / DINOv2 mask token) --------------------------------------
+def _mim_pair(device, seed: int = 21) -> tuple[DinoViT, DinoViT]:
+    """A default model and a masked_im_modeling one with the same backbone weights."""
+    ref = timm_reference(depth=2, patch_size=8, seed=seed, device=device)
+    plain = load_from(ref, "sdpa", device)
+    mim = build_backbone("vit_tiny", patch_size=8, depth=2, attn_backend="sdpa", masked_im_modeling=True).to(device)
+    missing, unexpected = mim.load_state_dict(ref.state_dict(), strict=False)
+    assert missing == ["mask_token"] and unexpected == []  # the documented way to load old checkpoints
+    return plain, mim.eval()
+
+
+def test_mask_token_keys_and_init():
+    plain = build_backbone("vit_tiny", patch_size=16, depth=1)
+    mim = build_backbone("vit_tiny", patch_size=16, depth=1, masked_im_modeling=True)
+    assert "mask_token" not in plain.state_dict() and not hasattr(plain, "mask_token")
+    assert set(mim.state_dict()) - set(plain.state_dict()) == {"mask_token"}
+    assert mim.mask_token.shape == (1, 1, 192) and torch.count_nonzero(mim.mask_token) == 0
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (40, 24)])
+def test_masks_none_is_unchanged_and_checkpoint_without_token_loads(hw, device):
+    plain, mim = _mim_pair(device)
+    img = torch.randn(2, 3, *hw, device=device)
+    with torch.no_grad():
+        assert_close(mim(img), plain(img), name="masks=None", rtol=0, atol=0)
+        assert_close(mim.prepare_tokens(img), plain.prepare_tokens(img), name="tokens", rtol=0, atol=0)
+    assert torch.count_nonzero(mim.mask_token) == 0, "a checkpoint without mask_token leaves it at init"
+
+
+@pytest.mark.parametrize("hw,frac", [((32, 32), 0.5), ((40, 24), 0.3), ((16, 16), 1.0)])
+def test_masked_patches_are_the_mask_token_before_the_blocks(hw, frac, device):
+    plain, mim = _mim_pair(device, seed=22)
+    with torch.no_grad():
+        mim.mask_token.normal_()
+    g = torch.Generator().manual_seed(hw[0] + int(10 * frac))
+    img = torch.randn(3, 3, *hw, generator=g).to(device)
+    h, w = hw[0] // 8, hw[1] // 8
+    masks = (torch.rand(3, h * w, generator=g) < frac).to(device)
+    masks[0, 0] = True
+    with torch.no_grad():
+        tokens = mim.prepare_tokens(img, masks)
+        patches = plain.patch_embed(img).reshape(3, h * w, -1)  # (B, h*w, D), no pos-embed yet
+        expected_patches = torch.where(masks[..., None], mim.mask_token.expand(3, h * w, -1), patches)
+        pos = interpolate_pos_encoding(mim.pos_embed, h, w)
+        expected = torch.cat([mim.cls_token.expand(3, -1, -1), expected_patches], dim=1) + pos
+    assert_close(tokens, expected, name="masked tokens", **FP32)
+    # Masked positions hold mask token + their position embedding, whatever the image was.
+    assert_close(tokens[:, 1:][masks], (mim.mask_token[0, 0] + pos[0, 1:].expand(3, -1, -1)[masks]),
+                 name="mask token at masked positions", **FP32)
+
+
+def test_forward_tokens_and_mask_token_gradient(device):
+    _, mim = _mim_pair(device, seed=23)
+    img = torch.randn(2, 3, 32, 24, device=device)
+    cls, patches = mim.forward_tokens(img)
+    assert cls.shape == (2, 192) and patches.shape == (2, 12, 192)
+    with torch.no_grad():
+        assert_close(cls, mim(img), name="forward_tokens CLS", rtol=0, atol=0)
+        assert_close(patches, mim.forward_features(img)[:, 1:], name="forward_tokens patches", rtol=0, atol=0)
+    masks = torch.zeros(2, 12, dtype=torch.bool, device=device)
+    masks[:, ::3] = True
+    cls_m, patches_m = mim.forward_tokens(img, masks)
+    (patches_m.sum() + cls_m.sum()).backward()
+    assert mim.mask_token.grad is not None and torch.count_nonzero(mim.mask_token.grad) > 0
+
+
+def test_masks_bad_inputs_raise():
+    plain = build_backbone("vit_tiny", patch_size=8, depth=1)
+    mim = build_backbone("vit_tiny", patch_size=8, depth=1, masked_im_modeling=True)
+    img = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="masked_im_modeling=True"):
+        plain.prepare_tokens(img, torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(B, h\*w\)"):
+        mim.prepare_tokens(img, torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        mim.prepare_tokens(img, torch.zeros(2, 4))
 
 
 # --- evaluation API --------------------------------------------------------------------------
@@ -347,10 +471,19 @@ def test_backend_switch_is_per_module():
     assert {b.attn.backend for b in model.blocks} == {"sdpa"}
 
 
-# --- CUDA + xformers, bf16 -------------------------------------------------------------------
+# --- CUDA: the real kernels, bf16 ------------------------------------------------------------
 def _need_xformers() -> None:
     if not xformers_usable(torch.cuda.current_device()):
         pytest.skip("xformers attention kernels are not usable on this GPU / build")
+
+
+def _need(backend: str) -> None:
+    import dino_fast.models.attention as attention_mod
+
+    if backend in ("varlen", "flex", "xformers"):
+        problem = getattr(attention_mod, f"{backend}_problem")(torch.cuda.current_device())
+        if problem:
+            pytest.skip(f"{backend} is not usable here: {problem}")
 
 
 @requires_cuda
@@ -367,15 +500,15 @@ def test_xformers_backbone_matches_sdpa_bf16():
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", ["xformers", "sdpa"])
+@pytest.mark.parametrize("backend", ["varlen", "flex", "xformers", "sdpa", "auto"])
 def test_packed_equals_per_resolution_bf16(backend):
-    if backend == "xformers":
-        _need_xformers()
+    _need(backend)
     model = load_from(timm_reference(depth=2, patch_size=16, embed_dim=384, heads=6, seed=2, device="cuda"),
                       backend, "cuda")
     xs = views(batch=8, seed=3, device="cuda", sizes=(224, 224, 96, 96, 96, 96))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         packed = model.forward_packed(xs)
+        set_attn_backend(model, "sdpa")  # per resolution on sdpa (flash) as the reference
         per_res = torch.cat([model(torch.cat(xs[:2])), model(torch.cat(xs[2:]))])
     assert_close(packed, per_res, dtype=torch.bfloat16, name=f"{backend} packed vs per-resolution (bf16)")
     g = torch.randn_like(packed)

@@ -7,10 +7,12 @@ interpolation, explicit attention), independent of dino_fast and timm.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import pickle
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -255,7 +257,8 @@ def test_timm_classifier_state_dict(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- dino_fast
 def test_dino_fast_checkpoint(tmp_path):
-    from dino_fast.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save
+    """The single-file checkpoint of earlier dino_fast versions ("format": "dino_fast")."""
+    from dino_fast.checkpoint import atomic_torch_save
 
     torch.manual_seed(6)
     wrappers = [MultiCropWrapper(build_backbone("vit_tiny", 16, depth=2), DINOHead(192, 32, hidden_dim=64,
@@ -263,7 +266,7 @@ def test_dino_fast_checkpoint(tmp_path):
                 for _ in range(2)]
     student, teacher = wrappers
     opt = torch.optim.AdamW(student.parameters())
-    state = {"format": CHECKPOINT_FORMAT, "student": student.state_dict(), "teacher": teacher.state_dict(),
+    state = {"format": "dino_fast", "student": student.state_dict(), "teacher": teacher.state_dict(),
              "optimizer": opt.state_dict(), "dino_loss": {"center": torch.zeros(1, 32)}, "step": 10, "epoch": 1,
              "config": {"arch": "vit_tiny", "patch_size": 16, "global_crops_scale": [0.4, 1.0]},
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
@@ -275,6 +278,19 @@ def test_dino_fast_checkpoint(tmp_path):
             assert_close(model(x), ref.backbone.eval()(x), name=f"dino_fast {key}", **FP32)
     with pytest.raises(PretrainedError, match=r"unknown key='ema'.*\['student', 'teacher'\]"):
         load_pretrained(path, key="ema")
+
+
+def test_masked_image_modelling_backbone():
+    """A backbone trained with iBOT-style masking holds a mask_token its forward never uses."""
+    torch.manual_seed(9)
+    model = build_backbone("vit_tiny", 16, depth=1, masked_im_modeling=True).eval()
+    with torch.no_grad():
+        model.mask_token.normal_()
+    loaded = load_pretrained(model.state_dict())
+    assert not hasattr(loaded, "mask_token") or loaded.mask_token is None
+    x = _images(9, 64)
+    with torch.no_grad():
+        assert_close(loaded(x), model(x), name="CLS of a masked-image-modelling backbone", **FP32)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -332,8 +348,10 @@ def test_pickles_that_are_not_checkpoints(tmp_path):
 
 def test_other_architecture(tmp_path):
     torchvision = pytest.importorskip("torchvision")
-    path = tmp_path / "resnet.pth"
-    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    path = tmp_path / "vgg.pth"
+    with torch.device("meta"):
+        keys = list(torchvision.models.vgg11().state_dict())[:4]
+    torch.save({k: torch.zeros(2) for k in keys}, path)
     with pytest.raises(PretrainedError, match="not a ViT backbone state dict") as e:
         load_pretrained(path)
     _one_line_error(e)
@@ -357,3 +375,320 @@ def test_other_architecture(tmp_path):
                          "cls_token": torch.zeros(1, 1, 100), "blocks.0.norm1.weight": torch.zeros(100)})
     with pytest.raises(TypeError):
         load_pretrained(42)
+
+
+# ----------------------------------------------------------------------------- ResNet
+class OfficialDINOHead(nn.Module):
+    """facebookresearch/dino vision_transformer.DINOHead (init aside): same modules, same keys."""
+
+    def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
+                 bottleneck_dim=256):
+        super().__init__()
+        layers = [nn.Linear(in_dim, hidden_dim)]
+        if use_bn:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers.append(nn.GELU())
+        for _ in range(nlayers - 2):
+            layers.append(nn.Linear(hidden_dim, hidden_dim))
+            if use_bn:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        with pytest.warns(FutureWarning):  # deprecated in torch, what the official code calls
+            self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.weight_g.data.fill_(1)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+
+class OfficialMultiCropWrapper(nn.Module):
+    """facebookresearch/dino utils.MultiCropWrapper.__init__ (its keys: backbone.*, head.*)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        backbone.fc, backbone.head = nn.Identity(), nn.Identity()
+        self.backbone = backbone
+        self.head = head
+
+
+class DDP(nn.Module):
+    """What DistributedDataParallel adds to the keys: ``module.``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def official_has_batchnorms(model):
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    for name, module in model.named_modules():
+        if isinstance(module, bn_types):
+            return True
+    return False
+
+
+def official_load_pretrained_weights(model, pretrained_weights, checkpoint_key):
+    """facebookresearch/dino utils.load_pretrained_weights (the file branch), with torch's
+    default torch.load (weights_only=True since torch 2.6)."""
+    state_dict = torch.load(pretrained_weights, map_location="cpu")
+    if checkpoint_key is not None and checkpoint_key in state_dict:
+        state_dict = state_dict[checkpoint_key]
+    # remove `module.` prefix
+    state_dict = {k.replace("module.", ""): v for k, v in state_dict.items()}
+    # remove `backbone.` prefix induced by multicrop wrapper
+    state_dict = {k.replace("backbone.", ""): v for k, v in state_dict.items()}
+    return model.load_state_dict(state_dict, strict=False)
+
+
+def official_eval_resnet(arch: str) -> nn.Module:
+    """eval_knn.py / eval_linear.py: ``torchvision_models.__dict__[arch](num_classes=0); model.fc = nn.Identity()``."""
+    import torchvision
+
+    with warnings.catch_warnings():  # fc = Linear(2048, 0) warns that its init is a no-op
+        warnings.simplefilter("ignore", UserWarning)
+        model = torchvision.models.__dict__[arch](num_classes=0)
+    model.fc = nn.Identity()
+    return model
+
+
+def _randomize_bn_(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine weights, so eval outputs depend on them."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1.0, 0.1)
+                m.bias.normal_(0.0, 0.1)
+                m.num_batches_tracked.fill_(7)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["released", "no_bn_counters", "with_fc"])
+def test_released_resnet50_weights(tmp_path, variant, caplog):
+    """dino_resnet50_pretrain.pth: a torchvision ResNet-50 state dict without fc (also: an older
+    file without num_batches_tracked, a full classifier state dict whose fc is dropped)."""
+    torch.manual_seed(20)
+    ref = _randomize_bn_(official_eval_resnet("resnet50")).eval()
+    sd = ref.state_dict()
+    if variant == "no_bn_counters":
+        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    if variant == "with_fc":
+        sd = dict(sd, **{"fc.weight": torch.randn(10, 2048), "fc.bias": torch.randn(10)})
+    path = tmp_path / "dino_resnet50_pretrain.pth"
+    torch.save(sd, path)
+    with caplog.at_level("INFO", logger="dino_fast.pretrained"):
+        model = load_pretrained(path)
+    if variant == "with_fc":
+        assert "fc.weight" in caplog.text
+    assert model.embed_dim == 2048 and not model.training and isinstance(model.fc, nn.Identity)
+    x = _images(20, 32, batch=2)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), name=f"resnet50 features ({variant})", **FP32)
+    assert model.layer1[0].conv1.weight.data_ptr() != ref.layer1[0].conv1.weight.data_ptr()
+    assert export_official_backbone(model).keys() == ref.state_dict().keys()
+    assert timm_model_name(model) == "resnet50"
+
+
+def test_resnet_timm_export(tmp_path):
+    timm = pytest.importorskip("timm")
+    from dino_fast.models import build_resnet
+
+    torch.manual_seed(23)
+    model = _randomize_bn_(build_resnet("resnet18")).eval()
+    name = timm_model_name(model)
+    assert name == "resnet18"
+    tm = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    tm.load_state_dict(export_timm_state_dict(model), strict=True)
+    x = _images(23, 32, batch=2)
+    with torch.no_grad():
+        assert_close(tm(x), model(x), name="timm resnet18(export(model))", **FP32)
+        path = save_official_backbone(model, tmp_path / "resnet18.pth")
+        assert_close(load_pretrained(path)(x), model(x), name="official resnet export reload", **FP32)
+
+
+def test_resnet_arch_errors():
+    import torchvision
+
+    with torch.device("meta"):
+        sd = torchvision.models.resnet18().state_dict()
+    sd = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in sd.items()}
+    with pytest.raises(PretrainedError, match=r"arch 'vit_small' given but the weights are a resnet18") as e:
+        load_pretrained(sd, arch="deit_small")
+    _one_line_error(e)
+    with pytest.raises(PretrainedError, match=r"do not fit resnet34.*missing keys") as e:
+        load_pretrained(sd, arch="resnet34")
+    _one_line_error(e)
+    with pytest.raises(PretrainedError, match="not a ResNet state dict"):
+        load_pretrained(RefViT(192, 1, 3, 16).state_dict(), arch="resnet50")
+    with pytest.raises(PretrainedError, match="unknown arch 'vit_giant'"):
+        load_pretrained(sd, arch="vit_giant")
+
+
+def test_official_resnet_training_checkpoint(tmp_path):
+    """An official ResNet run: BatchNorm -> the teacher is DDP-wrapped too, so both models'
+    keys read module.backbone.* / module.head.*."""
+    torch.manual_seed(21)
+    models = {}
+    for key in ("student", "teacher"):
+        wrapper = OfficialMultiCropWrapper(_randomize_bn_(official_eval_resnet("resnet18")),
+                                           OfficialDINOHead(512, 32, hidden_dim=64, bottleneck_dim=16))
+        assert official_has_batchnorms(wrapper)
+        models[key] = DDP(wrapper)
+    ckpt = {"student": models["student"].state_dict(), "teacher": models["teacher"].state_dict(),
+            "optimizer": {"state": {}, "param_groups": []}, "epoch": 5,
+            "args": argparse.Namespace(arch="resnet18", optimizer="lars"), "dino_loss": {"center": torch.zeros(1, 32)}}
+    path = tmp_path / "checkpoint.pth"
+    torch.save(ckpt, path)
+    x = _images(21, 32, batch=2)
+    for key in ("teacher", "student"):
+        model = load_pretrained(path, key=key)
+        ref = models[key].module.backbone.eval()
+        with torch.no_grad():
+            assert_close(model(x), ref(x), name=f"official resnet18 run [{key}]", **FP32)
+
+
+# ----------------------------------------------------------------------------- official checkpoint writer
+def _our_pair(arch: str, out_dim: int = 32, use_bn: bool = False):
+    torch.manual_seed(22)
+    if arch == "resnet18":
+        from dino_fast.models import build_resnet
+
+        backbones = [_randomize_bn_(build_resnet(arch)) for _ in range(2)]
+    else:
+        backbones = [build_backbone(arch, 16, depth=2) for _ in range(2)]
+    dim = backbones[0].embed_dim
+    student, teacher = (MultiCropWrapper(b, DINOHead(dim, out_dim, use_bn=use_bn, hidden_dim=64, bottleneck_dim=16))
+                        for b in backbones)
+    return student, teacher
+
+
+@pytest.mark.parametrize("arch,use_bn,fp16", [("vit_tiny", False, False), ("vit_tiny", True, True),
+                                              ("resnet18", False, True)])
+def test_official_checkpoint_writer(tmp_path, arch, use_bn, fp16):
+    from dino_fast.loss import DINOLoss
+    from dino_fast.official import save_official_checkpoint
+    from dino_fast.optim import build_optimizer
+
+    student, teacher = _our_pair(arch, use_bn=use_bn)
+    optimizer = build_optimizer(student, "lars" if arch == "resnet18" else "adamw")
+    student(_images(22, 32, batch=2)).sum().backward()
+    optimizer.step()
+    loss = DINOLoss(32, 4, 0.04, 0.07, 2, 5, impl="torch")
+    loss.center.normal_()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if fp16 else None
+    args = {"arch": arch, "patch_size": 16, "global_crops_scale": (0.4, 1.0), "output_dir": tmp_path,
+            "nb": [1, 2], "use_fp16": fp16}
+    path = save_official_checkpoint(
+        tmp_path / "checkpoint.pth", student_sd=student.state_dict(), teacher_sd=teacher.state_dict(),
+        optimizer_sd=optimizer.state_dict(), epoch=3, args_dict=args, dino_loss_sd=loss.state_dict(),
+        fp16_scaler_sd=scaler.state_dict() if fp16 else None)
+
+    ckpt = torch.load(path, map_location="cpu")  # plain torch.load, as the official scripts do
+    expected = {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} | ({"fp16_scaler"} if fp16 else set())
+    assert set(ckpt) == expected and ckpt["epoch"] == 3
+    assert ckpt["args"] == dict(args, output_dir=str(tmp_path))
+    assert_close(ckpt["dino_loss"]["center"], loss.center, name="center")
+    if fp16:
+        assert ckpt["fp16_scaler"]["scale"] == 1024.0
+
+    # official main_dino.py: student = DDP(...); teacher = DDP(...) only if utils.has_batchnorms(student)
+    bn = official_has_batchnorms(student)
+    assert bn == (arch == "resnet18" or use_bn)
+    official_student, official_teacher = DDP(copy.deepcopy(student)), copy.deepcopy(teacher)
+    if bn:
+        official_teacher = DDP(official_teacher)
+    # restart_from_checkpoint loads them (strict here: every key must land)
+    official_student.load_state_dict(ckpt["student"], strict=True)
+    official_teacher.load_state_dict(ckpt["teacher"], strict=True)
+    restored = copy.deepcopy(optimizer)
+    restored.load_state_dict(ckpt["optimizer"])
+
+    # official eval_knn.py / eval_linear.py: build the bare backbone, load_pretrained_weights
+    if arch == "resnet18":
+        backbone = official_eval_resnet(arch)
+    else:
+        backbone = RefViT(192, 2, 3, 16)
+    for key, ours in (("teacher", teacher), ("student", student)):
+        msg = official_load_pretrained_weights(backbone, path, key)
+        assert msg.missing_keys == [], msg
+        assert all(k.startswith("head.") for k in msg.unexpected_keys), msg
+        x = _images(23, 32, batch=2)
+        with torch.no_grad():
+            ref = backbone.eval()(x)
+            assert_close(ours.backbone.eval()(x), ref, name=f"official eval of our {key}", **FP32)
+            assert_close(load_pretrained(ckpt, key=key)(x), ref, name=f"load_pretrained [{key}]", **FP32)
+
+
+def test_official_checkpoint_writer_rejects_bad_parts():
+    from dino_fast.official import to_official_checkpoint
+
+    student, teacher = _our_pair("vit_tiny")
+    good = dict(student_sd=student.state_dict(), teacher_sd=teacher.state_dict(),
+                optimizer_sd={"state": {}, "param_groups": []}, epoch=1, args_dict={"arch": "vit_tiny"},
+                dino_loss_sd={"center": torch.zeros(1, 32)})
+    # DDP / compile prefixes on the way in are normalised to the official ones
+    wrapped = {f"module._orig_mod.{k}": v for k, v in student.state_dict().items()}
+    out = to_official_checkpoint(**dict(good, student_sd=wrapped))
+    assert out["student"].keys() == {f"module.{k}" for k in student.state_dict()}
+    assert out["teacher"].keys() == teacher.state_dict().keys() and "fp16_scaler" not in out
+    assert argparse.Namespace(**out["args"]).arch == "vit_tiny"
+    with pytest.raises(ValueError, match="not a MultiCropWrapper state dict"):
+        to_official_checkpoint(**dict(good, teacher_sd=teacher.backbone.state_dict()))
+    with pytest.raises(TypeError, match="args.*object"):
+        to_official_checkpoint(**dict(good, args_dict={"args": object()}))
+    with pytest.raises(ValueError, match="center"):
+        to_official_checkpoint(**dict(good, dino_loss_sd={}))
+    with pytest.raises(ValueError, match="optimizer_sd"):
+        to_official_checkpoint(**dict(good, optimizer_sd={}))
+
+
+# ----------------------------------------------------------------------------- hubconf
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HUB = [("dino_vits16", 384, 6, 16), ("dino_vits8", 384, 6, 8), ("dino_vitb16", 768, 12, 16),
+       ("dino_vitb8", 768, 12, 8)]
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.mark.parametrize("name,dim,heads,patch", HUB)
+def test_hub_vits(name, dim, heads, patch, no_download):
+    model = torch.hub.load(REPO, name, source="local", pretrained=False, depth=2)  # depth: a cheap build
+    assert (model.embed_dim, model.blocks[0].attn.num_heads, model.patch_size, len(model.blocks)) == \
+        (dim, heads, patch, 2)
+    with pytest.raises(ValueError, match="never downloads.*dl.fbaipublicfiles.com/dino/"):
+        torch.hub.load(REPO, name, source="local", pretrained=True, depth=1)
+
+
+def test_hub_vits16_local_weights(tmp_path, no_download):
+    torch.manual_seed(30)
+    ref = RefViT(384, 2, 6, 16).eval()
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(ref.state_dict(), path)
+    model = torch.hub.load(REPO, "dino_vits16", source="local", weights=str(path), depth=2, num_classes=0).eval()
+    x = _images(30, 64)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), name="hub dino_vits16(weights=...)", **FP32)
+    with pytest.raises(PretrainedError, match="missing keys"):  # the full-depth model: strict keys
+        torch.hub.load(REPO, "dino_vits16", source="local", weights=str(path))
+
+
+def test_hub_resnet50(tmp_path, no_download):
+    model = torch.hub.load(REPO, "dino_resnet50", source="local")
+    assert model.embed_dim == 2048 and isinstance(model.fc, nn.Identity)
+    torch.manual_seed(31)
+    ref = _randomize_bn_(official_eval_resnet("resnet50")).eval()
+    path = tmp_path / "dino_resnet50_pretrain.pth"
+    torch.save(ref.state_dict(), path)
+    model = torch.hub.load(REPO, "dino_resnet50", source="local", weights=path).eval()
+    x = _images(31, 32, batch=2)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), name="hub dino_resnet50(weights=...)", **FP32)

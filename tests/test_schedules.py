@@ -1,89 +1,117 @@
-"""Schedules' endpoints and shape, optimizer groups, gradient clipping, last-layer freezing."""
-import math
+"""Schedules against the official DINO definitions, every value: lr / wd / teacher momentum
+(``utils.cosine_scheduler``) and the teacher temperature (``main_dino.DINOLoss``).
 
+The references below are copied from facebookresearch/dino (utils.py, main_dino.py) and
+share no code with dino_fast.
+"""
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
-from dino_fast.optim import build_optimizer, cancel_last_layer_gradients_, clip_gradients_, param_groups, set_schedule_
-from dino_fast.schedules import Schedules, cosine_scheduler
-
-
-@pytest.mark.parametrize("total,warmup", [(100, 10), (37, 0), (5, 5), (1, 0), (7, 3)])
-def test_cosine_endpoints(total, warmup):
-    base, final, start = 0.5, 0.01, 0.0
-    s = cosine_scheduler(base, final, total, warmup, start)
-    assert len(s) == total
-    if warmup:
-        assert s[0] == pytest.approx(start)
-        assert s[warmup - 1] == pytest.approx(base)
-        assert np.all(np.diff(s[:warmup]) >= 0)
-    if total > warmup:
-        assert s[-1] == pytest.approx(final)
-        if total - warmup > 1:
-            assert s[warmup] == pytest.approx(base)
-        assert np.all(np.diff(s[warmup:]) <= 1e-12)  # decreasing cosine
+from dino_fast.loss import DINOLoss
+from dino_fast.config import TrainConfig
+from dino_fast.plan import RunPlan
+from dino_fast.schedules import cosine_schedule_steps, cosine_scheduler
 
 
-def test_cosine_midpoint_is_mean():
-    s = cosine_scheduler(1.0, 0.0, 101)
-    assert s[50] == pytest.approx(0.5)
+# ----------------------------------------------------------------------------- official code
+def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """facebookresearch/dino utils.py, verbatim."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+
+    schedule = np.concatenate((warmup_schedule, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
 
 
-def test_schedules_momentum_to_one_and_lr_warmup():
-    sch = Schedules(base_lr=1e-3, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
-                    total_steps=50, warmup_steps=10)
-    assert sch.at(0)[0] == 0.0
-    assert sch.at(9)[0] == pytest.approx(1e-3)
-    lr, wd, m = sch.at(49)
-    assert (lr, wd, m) == (pytest.approx(1e-6), pytest.approx(0.4), pytest.approx(1.0))
-    assert sch.at(0)[1:] == (pytest.approx(0.04), pytest.approx(0.996))
-    assert sch.at(10_000) == sch.at(49)  # past the end: last values
+def official_teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs):
+    """facebookresearch/dino main_dino.py DINOLoss.__init__, verbatim."""
+    return np.concatenate((
+        np.linspace(warmup_teacher_temp,
+                    teacher_temp, warmup_teacher_temp_epochs),
+        np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp
+    ))
 
 
-def test_bad_total_steps():
+# (epochs, niter_per_ep, warmup_epochs): odd sizes, warm-up of 0, 1 and most epochs, one
+# iteration per epoch, a cosine part of a single step.
+GRID = [(1, 1, 0), (2, 1, 1), (3, 7, 1), (5, 13, 2), (10, 3, 9), (7, 1, 0), (100, 5, 10), (4, 17, 3), (9, 2, 0)]
+
+
+def _exact(actual, expected, what):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    diff = np.abs(actual - expected)
+    worst = int(diff.argmax())
+    # same formula in float64: equal to the last bit (allow 1 ulp for a different op order)
+    assert np.allclose(actual, expected, rtol=1e-15, atol=0), (
+        f"{what}: worst at step {worst}: {actual[worst]!r} vs official {expected[worst]!r}")
+
+
+# ----------------------------------------------------------------------------- lr / wd / momentum
+@pytest.mark.parametrize("epochs,niter,warmup", GRID)
+def test_cosine_scheduler_is_official(epochs, niter, warmup):
+    for base, final, start in ((5e-4 * 3, 1e-6, 0), (0.04, 0.4, 0), (0.996, 1, 0), (2.0, 0.5, 0.25)):
+        ref = official_cosine_scheduler(base, final, epochs, niter, warmup_epochs=warmup, start_warmup_value=start)
+        _exact(cosine_scheduler(base, final, epochs, niter, warmup_epochs=warmup, start_warmup_value=start), ref,
+               f"cosine_scheduler({base}, {final}, {epochs}, {niter}, {warmup}, {start})")
+        _exact(cosine_schedule_steps(base, final, epochs * niter, warmup * niter, start), ref,
+               f"cosine_schedule_steps({base}, {final}, {epochs * niter}, {warmup * niter}, {start})")
+
+
+@pytest.mark.parametrize("epochs,niter,warmup", GRID)
+def test_run_schedules_are_official(epochs, niter, warmup):
+    """The trainer's schedules (the run plan) = official lr_schedule, wd_schedule, momentum_schedule
+    and DINOLoss.teacher_temp_schedule, with the official linear scaling of the lr (batch 64 x 2 ranks)."""
+    cfg = TrainConfig(epochs=epochs, warmup_epochs=warmup, batch_size_per_gpu=64, teacher_temp=0.07,
+                      warmup_teacher_temp_epochs=min(3, epochs))
+    plan = RunPlan.from_config(cfg, niter, world_size=2)
+    base_lr = cfg.lr * 64 * 2 / 256.0
+    lr = official_cosine_scheduler(base_lr, cfg.min_lr, epochs, niter, warmup_epochs=warmup)
+    wd = official_cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, epochs, niter)
+    momentum = official_cosine_scheduler(cfg.momentum_teacher, 1, epochs, niter)
+    temp = official_teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp, min(3, epochs), epochs)
+    got = [plan.at(step) for step in range(epochs * niter)]
+    _exact([v.lr for v in got], lr, "lr")
+    _exact([v.wd for v in got], wd, "wd")
+    _exact([v.momentum for v in got], momentum, "momentum")
+    _exact([v.teacher_temp for v in got], np.repeat(temp, niter), "teacher_temp")
+    assert all(v.momentum < 1.0 for v in got), "the official teacher momentum never reaches 1"
+    past, last = plan.at(epochs * niter + 5), plan.at(epochs * niter - 1)  # past the end: the last values
+    assert (past.lr, past.wd, past.momentum, past.teacher_temp) == (last.lr, last.wd, last.momentum, last.teacher_temp)
+
+
+@pytest.mark.parametrize("total,warmup", [(37, 0), (37, 36), (11, 4), (1, 1), (2, 1), (6, 6)])
+def test_step_schedule_at_any_length(total, warmup):
+    """Step counts that are no whole number of epochs (time-budgeted runs): the official
+    formula with epochs=total, niter_per_ep=1."""
+    _exact(cosine_schedule_steps(0.3, 0.01, total, warmup, 0.05),
+           official_cosine_scheduler(0.3, 0.01, total, 1, warmup_epochs=warmup, start_warmup_value=0.05),
+           f"steps({total}, {warmup})")
+
+
+def test_bad_lengths():
     with pytest.raises(ValueError, match="total_steps"):
-        cosine_scheduler(1, 0, 0)
+        cosine_schedule_steps(1, 0, 0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        cosine_schedule_steps(1, 0, 5, 6)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        cosine_schedule_steps(1, 0, 5, -1)
+    with pytest.raises(ValueError, match="epochs"):
+        cosine_scheduler(1, 0, 0, 10)
 
 
-def _toy():
-    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
-
-
-def test_param_groups_no_decay_on_bias_and_norm():
-    m = _toy()
-    decay, no_decay = param_groups(m)
-    assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[2].weight)}
-    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
-    opt = build_optimizer(m)
-    set_schedule_(opt, 0.1, 0.3)
-    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
-
-
-def test_clip_gradients_per_parameter():
-    torch.manual_seed(0)
-    m = _toy()
-    m(torch.randn(5, 4)).pow(2).sum().mul(100).backward()
-    before = [p.grad.norm().item() for p in m.parameters()]
-    norms = clip_gradients_(m, 1.0)
-    after = [p.grad.norm().item() for p in m.parameters()]
-    for b, a, n in zip(before, after, norms.tolist()):
-        assert n == pytest.approx(b, rel=1e-5)
-        expected = b * min(1.0, 1.0 / (b + 1e-6))  # official: scale by clip / (norm + 1e-6) when < 1
-        assert a == pytest.approx(expected, rel=1e-5)
-    assert clip_gradients_(m, 0) is None
-
-
-def test_cancel_last_layer():
-    m = nn.Module()
-    m.body = nn.Linear(2, 2)
-    m.last_layer = nn.Linear(2, 2)
-    for p in m.parameters():
-        p.grad = torch.ones_like(p)
-    cancel_last_layer_gradients_(m, epoch=1, freeze_last_layer=1)
-    assert m.last_layer.weight.grad is not None
-    cancel_last_layer_gradients_(m, epoch=0, freeze_last_layer=1)
-    assert m.last_layer.weight.grad is None and m.body.weight.grad is not None
-    assert math.isfinite(m.body.weight.grad.sum().item())
+# ----------------------------------------------------------------------------- teacher temperature
+@pytest.mark.parametrize("warmup_temp,temp,warmup_epochs,nepochs",
+                         [(0.04, 0.07, 30, 100), (0.04, 0.04, 0, 1), (0.04, 0.07, 3, 3), (0.02, 0.065, 7, 13),
+                          (0.04, 0.07, 1, 5), (0.05, 0.03, 4, 9)])
+def test_teacher_temp_schedule_is_official(warmup_temp, temp, warmup_epochs, nepochs):
+    loss = DINOLoss(16, 4, warmup_temp, temp, warmup_epochs, nepochs, impl="torch")
+    ref = official_teacher_temp_schedule(warmup_temp, temp, warmup_epochs, nepochs)
+    _exact(loss.teacher_temp_schedule, ref, "teacher_temp_schedule")
+    _exact([loss.teacher_temp_at(e) for e in range(nepochs)], ref, "teacher_temp_at")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dino_fast.errors import ConfigError, DataError
 from dino_fast.eval.visualize import attention_mass_mask, cls_attention, colorize, main, visualize_attention
 from dino_fast.models import build_backbone
 from tests.helpers import assert_close
@@ -122,16 +123,49 @@ def test_visualize_attention_files(tmp_path, vit):
 
 
 def test_visualize_errors(tmp_path, vit):
-    with pytest.raises(FileNotFoundError):
-        visualize_attention(vit, tmp_path / "missing.png", tmp_path)
+    out = tmp_path / "maps"
+    with pytest.raises(DataError, match=f"^visualize: image not found: {tmp_path / 'missing.png'}$"):
+        visualize_attention(vit, tmp_path / "missing.png", out)
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="cannot decode"):
-        visualize_attention(vit, tmp_path / "bad.png", tmp_path)
+    with pytest.raises(DataError) as e:
+        visualize_attention(vit, tmp_path / "bad.png", out)
+    assert str(e.value).startswith(f"visualize: cannot decode image {tmp_path / 'bad.png'} (not an image, or corrupt")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=f"image path is not a file: {tmp_path}"):
+        visualize_attention(vit, tmp_path, out)
     _write_image(tmp_path / "ok.png", 40, 40)
-    with pytest.raises(ValueError, match="threshold"):
-        visualize_attention(vit, tmp_path / "ok.png", tmp_path, threshold=0.0)
-    with pytest.raises(ValueError, match="smaller than one patch"):
-        visualize_attention(vit, tmp_path / "ok.png", tmp_path, image_size=(8, 8))
+    with pytest.raises(ConfigError, match="threshold"):
+        visualize_attention(vit, tmp_path / "ok.png", out, threshold=0.0)
+    with pytest.raises(ConfigError, match="smaller than one patch"):
+        visualize_attention(vit, tmp_path / "ok.png", out, image_size=(8, 8))
+    with pytest.raises(ConfigError, match="image_size must be one int or"):
+        visualize_attention(vit, tmp_path / "ok.png", out, image_size=(0, 32))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"output_dir {tmp_path / 'file'} is a file"):
+        visualize_attention(vit, tmp_path / "ok.png", tmp_path / "file")
+    assert not out.exists(), "nothing may be written when the input is refused"
+
+
+def test_main_non_image_is_one_line_naming_the_file(tmp_path, vit, capsys):
+    """`dino-fast visualize` on a non-image: one line naming it, exit 2, nothing written."""
+    from dino_fast.cli import main as cli_main
+    from dino_fast.pretrained import save_official_backbone
+
+    weights = save_official_backbone(vit, tmp_path / "w.pth")
+    (tmp_path / "notes.txt").write_text("hello")
+    out = tmp_path / "o"
+    argv = ["--pretrained_weights", str(weights), "--image_path", str(tmp_path / "notes.txt"), "--image_size", "48",
+            "--output_dir", str(out), "--device", "cpu"]
+    with pytest.raises(DataError, match=f"cannot decode image {tmp_path / 'notes.txt'}"):
+        main(argv)
+    assert cli_main(["visualize", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dino-fast: error: visualize: cannot decode image "
+                                               f"{tmp_path / 'notes.txt'}"), err
+    argv[3] = str(tmp_path / "nope.jpg")
+    assert cli_main(["visualize", *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"dino-fast: error: visualize: image not found: {tmp_path / 'nope.jpg'}"
+    assert not out.exists()
 
 
 def test_main_cli(tmp_path, vit):

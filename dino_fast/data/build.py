@@ -45,16 +45,16 @@ class TrainData:
             from dino_fast.data.dali import DALIMultiCropLoader
 
             on_gpu = device.type == "cuda"
-            # Views come out in the compute dtype on the GPU (no cast in the step); fp32 on CPU.
+            # Views come out in the compute dtype (the last photometric op casts): no cast in the step.
             self.loader = DALIMultiCropLoader(
                 cfg.data_path, batch_size=cfg.batch_size_per_gpu, global_crops_scale=cfg.global_crops_scale,
                 local_crops_scale=cfg.local_crops_scale, local_crops_number=cfg.local_crops_number,
                 global_crops_size=cfg.global_crops_size, local_crops_size=cfg.local_crops_size,
                 device="gpu" if on_gpu else "cpu", device_id=device.index if on_gpu else None,
-                num_threads=max(1, cfg.num_workers), seed=cfg.seed, shard_id=rank, num_shards=world,
-                dtype=dtype if on_gpu else torch.float32)
+                num_threads=max(1, cfg.num_workers), seed=cfg.seed, shard_id=rank, num_shards=world, dtype=dtype)
             self.num_batches = len(self.loader)
             self.sampler = None
+            self.view_dtype = dtype
         else:
             from dino_fast.data.folder import ImageFolderDataset, collate_views
             from dino_fast.data.sampling import ResumableSampler, SeededDataset
@@ -75,6 +75,7 @@ class TrainData:
                 num_workers=cfg.num_workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
                 persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
                 drop_last=True)
+            self.view_dtype = torch.float32
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[torch.Tensor]]:
         """Batches of epoch ``epoch`` from ``start_batch`` on, as lists of view tensors on the device."""
@@ -85,12 +86,12 @@ class TrainData:
 
     def describe(self) -> str:
         """One line for the start-up log: which loader and why."""
-        return f"{self.backend} ({self.why}), views in {str(self.dtype).replace('torch.', '')}"
+        return f"{self.backend} ({self.why}), views in {str(self.view_dtype).replace('torch.', '')}"
 
 
 def build_train_data(cfg: Any, device: torch.device, rank: int = 0, world: int = 1,
                      dtype: torch.dtype = torch.float32) -> TrainData:
     """The training data of ``cfg`` (official names: data_path, batch_size_per_gpu, global/local crops
-    scale/number/size, num_workers, seed, data_backend) for this rank, views in ``dtype`` where the
-    back-end produces them on the GPU (DALI); fp32 otherwise (autocast casts in the model)."""
+    scale/number/size, num_workers, seed, data_backend) for this rank. DALI gives views in ``dtype``
+    (on the GPU or the CPU); torchvision gives fp32 (autocast casts in the model)."""
     return TrainData(cfg, device, rank, world, dtype)

@@ -1,4 +1,6 @@
-"""ImageFolder reader with one-line failures, corrupt-image skipping, and the train loader.
+"""ImageFolder reader with one-line failures, corrupt-image skipping, and the multi-crop collate.
+
+The train loader itself is built by :func:`dino_fast.data.build.build_train_data` (both back-ends).
 
 Layout: ``root/<class>/**/<image>``; class names sorted -> labels 0..C-1 (as
 torchvision's ImageFolder). Problems with the folder itself fail at construction
@@ -8,20 +10,17 @@ skipped (the next index is used instead) and reported once with a warning.
 from __future__ import annotations
 
 import os
-import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from dino_fast.errors import DataError
 
-__all__ = ["DataError", "CorruptImageWarning", "ImageFolderDataset", "IMG_EXTENSIONS", "collate_views",
-           "build_train_loader"]
+__all__ = ["DataError", "CorruptImageWarning", "ImageFolderDataset", "IMG_EXTENSIONS", "collate_views"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -148,46 +147,3 @@ def collate_views(batch: Sequence[tuple[Sequence[torch.Tensor], int]]) -> tuple[
     views = [torch.stack([sample[0][v] for sample in batch]) for v in range(num_views)]
     labels = torch.tensor([int(sample[1]) for sample in batch], dtype=torch.long)
     return views, labels
-
-
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader worker init: derive numpy and Python ``random`` seeds from the
-    worker's torch seed (itself derived from the loader's seeded generator)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, drop_last: bool = True,
-                       shuffle: bool = True, sampler: Sampler | None = None) -> DataLoader:
-    """Training DataLoader yielding ``([V view batches], labels)`` via :func:`collate_views`.
-
-    Deterministic for a given ``seed``: the shuffle order and every worker's torch /
-    numpy / random seed come from one seeded generator. With ``num_workers=0`` the
-    augmentations draw from the main process's torch RNG, so seed that too. Under
-    data parallelism pass a ``sampler`` (e.g. DistributedSampler; it then owns the
-    order and ``shuffle`` is ignored) and a different ``seed`` per rank.
-    ``pin_memory`` is on only when CUDA is available.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-    n = len(sampler) if sampler is not None and hasattr(sampler, "__len__") else len(dataset)
-    if drop_last and n < batch_size:
-        raise DataError(f"{n} samples per epoch is fewer than batch_size={batch_size} with drop_last=True: "
-                        f"the loader would yield no batch")
-    generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else None,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_views,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
-        worker_init_fn=_seed_worker,
-        generator=generator,
-        persistent_workers=num_workers > 0,
-    )

@@ -1,7 +1,7 @@
 """DINO multi-crop augmentation on PIL images (the torchvision baseline path).
 
-The recipe is the official one (``main_dino.py: DataAugmentationDINO``):
-2 global views + N local views, each
+The recipe is the official one (``main_dino.py: DataAugmentationDINO``; the constants live in
+:mod:`dino_fast.data.recipe`, shared with the DALI loader): 2 global views + N local views, each
 
     RandomResizedCrop (bicubic) -> flip p=0.5 -> ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8
     -> grayscale p=0.2 -> GaussianBlur sigma ~ U(0.1, 2) with p = 1.0 | 0.1 | 0.5
@@ -24,19 +24,11 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-__all__ = ["DataAugmentationDINO", "ViewTransform", "ViewParams", "IMAGENET_MEAN", "IMAGENET_STD"]
+from dino_fast.data import recipe
+from dino_fast.data.recipe import DECISIONS, IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["DataAugmentationDINO", "ViewTransform", "ViewParams", "IMAGENET_MEAN", "IMAGENET_STD", "DECISIONS"]
 
-# Official DINO constants (main_dino.py / utils.py).
-_JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-_BLUR_SIGMA = (0.1, 2.0)
-_SOLARIZE_THRESHOLD = 128
-_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop default aspect-ratio range
-
-# The decisions every view records, in the order they are applied.
-DECISIONS = ("flip", "color_jitter", "grayscale", "blur", "solarize")
 
 
 @dataclass
@@ -52,7 +44,7 @@ class ViewParams:
     jitter_factors: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.0)
     """(brightness, contrast, saturation, hue) factors."""
     blur_sigma: float = 0.0
-    """Gaussian blur sigma (PIL radius), drawn in [0.1, 2]."""
+    """Gaussian blur sigma (PIL radius), drawn in recipe.BLUR_SIGMA = [0.1, 2]."""
 
 
 def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:
@@ -85,8 +77,9 @@ class ViewTransform:
     the local views (and tests can force an op on or off).
     """
 
-    def __init__(self, size: int, scale: Sequence[float], *, flip_p: float = 0.5, jitter_p: float = 0.8,
-                 grayscale_p: float = 0.2, blur_p: float = 0.5, solarize_p: float = 0.0) -> None:
+    def __init__(self, size: int, scale: Sequence[float], *, flip_p: float = recipe.FLIP_P,
+                 jitter_p: float = recipe.JITTER_P, grayscale_p: float = recipe.GRAYSCALE_P,
+                 blur_p: float = recipe.BLUR_P[2], solarize_p: float = recipe.SOLARIZE_P[2]) -> None:
         self.size = _check_size("size", size)
         self.scale = _check_scale("scale", scale)
         self.prob = {
@@ -97,7 +90,8 @@ class ViewTransform:
             "solarize": _check_prob("solarize_p", solarize_p),
         }
         # torchvision's own range handling, e.g. brightness 0.4 -> [0.6, 1.4], hue 0.1 -> [-0.1, 0.1].
-        self._jitter = T.ColorJitter(**_JITTER)
+        self._jitter = T.ColorJitter(brightness=recipe.BRIGHTNESS, contrast=recipe.CONTRAST,
+                                     saturation=recipe.SATURATION, hue=recipe.HUE)
 
     def __repr__(self) -> str:
         probs = ", ".join(f"{k}={v}" for k, v in self.prob.items())
@@ -109,12 +103,12 @@ class ViewTransform:
         Every uniform is drawn whether or not its op fires, so forcing one decision
         in a record never shifts the draws of the others.
         """
-        i, j, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO))
+        i, j, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(recipe.CROP_RATIO))
         u = torch.rand(len(DECISIONS))  # one uniform per decision, in application order
         applied = {name: bool(u[k] < self.prob[name]) for k, name in enumerate(DECISIONS)}
         order, b, c, s, hue = T.ColorJitter.get_params(self._jitter.brightness, self._jitter.contrast,
                                                        self._jitter.saturation, self._jitter.hue)
-        sigma = float(torch.empty(1).uniform_(*_BLUR_SIGMA))
+        sigma = float(torch.empty(1).uniform_(*recipe.BLUR_SIGMA))
         return ViewParams(crop=(i, j, h, w), applied=applied, jitter_order=tuple(int(o) for o in order),
                           jitter_factors=(b, c, s, hue), blur_sigma=sigma)
 
@@ -135,7 +129,7 @@ class ViewTransform:
         if params.applied["blur"]:
             img = img.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
         if params.applied["solarize"]:
-            img = ImageOps.solarize(img, threshold=_SOLARIZE_THRESHOLD)
+            img = ImageOps.solarize(img, threshold=recipe.SOLARIZE_THRESHOLD)
         return img
 
     def apply(self, img: Image.Image, params: ViewParams) -> torch.Tensor:
@@ -155,8 +149,8 @@ class DataAugmentationDINO:
     class, plus the two sizes.
     """
 
-    def __init__(self, global_crops_scale: Sequence[float] = (0.4, 1.0),
-                 local_crops_scale: Sequence[float] = (0.05, 0.4), local_crops_number: int = 8,
+    def __init__(self, global_crops_scale: Sequence[float] = recipe.GLOBAL_CROPS_SCALE,
+                 local_crops_scale: Sequence[float] = recipe.LOCAL_CROPS_SCALE, local_crops_number: int = 8,
                  global_crops_size: int = 224, local_crops_size: int = 96) -> None:
         if isinstance(local_crops_number, bool) or not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
@@ -167,10 +161,12 @@ class DataAugmentationDINO:
         self.local_crops_number = local_crops_number
         self.global_crops_size = global_crops_size
         self.local_crops_size = local_crops_size
-        # Names as in the official code.
-        self.global_transfo1 = ViewTransform(global_crops_size, self.global_crops_scale, blur_p=1.0, solarize_p=0.0)
-        self.global_transfo2 = ViewTransform(global_crops_size, self.global_crops_scale, blur_p=0.1, solarize_p=0.2)
-        self.local_transfo = ViewTransform(local_crops_size, self.local_crops_scale, blur_p=0.5, solarize_p=0.0)
+        # Names as in the official code; one ViewRecipe each (the DALI loader reads the same list).
+        g1, g2, *loc = recipe.view_recipes(self.global_crops_scale, self.local_crops_scale, 1, global_crops_size,
+                                           local_crops_size)
+        self.global_transfo1, self.global_transfo2, self.local_transfo = (
+            ViewTransform(r.size, r.scale, flip_p=r.flip_p, jitter_p=r.jitter_p, grayscale_p=r.grayscale_p,
+                          blur_p=r.blur_p, solarize_p=r.solarize_p) for r in (g1, g2, loc[0]))
 
     @property
     def num_views(self) -> int:

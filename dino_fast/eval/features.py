@@ -18,8 +18,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from dino_fast.errors import ConfigError, DataError
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "backbone_features", "extract_features",
-           "feature_cache_key", "weights_digest"]
+           "feature_cache_key", "weights_digest", "match_classes", "resolve_n_last_blocks", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,88 @@ def backbone_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int
         else:
             out = torch.cat((out, avg), dim=-1)
     return out
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... +{len(names) - limit} more' if len(names) > limit else ''}]"
+
+
+def match_classes(train_set: Any, val_set: Any, allow_mismatch: bool = False, what: str = "evaluation") -> list[str]:
+    """Check that two labeled folder datasets (``classes``, ``class_to_idx``, ``samples``,
+    ``targets``, ``root``: :class:`~dino_fast.data.folder.ImageFolderDataset`) can be scored
+    against each other, matching classes by NAME, not by index.
+
+    Raises :class:`DataError` when the train set has fewer than 2 classes (a k-NN or a linear
+    probe on one class scores 100 % and means nothing) and, unless ``allow_mismatch``, when
+    the class names differ (naming the classes only in train and only in val).
+
+    With ``allow_mismatch`` the val set is relabeled IN PLACE to the train set's indices:
+    images of val classes absent from train are dropped (they could never be predicted, and
+    scoring them as wrong would mix "unknown class" into the accuracy) with a warning that
+    names them; train classes absent from val stay as candidates. Returns the dropped val
+    class names. Raises :class:`DataError` when no val class is a train class."""
+    train_classes, val_classes = list(train_set.classes), list(val_set.classes)
+    train_root, val_root = getattr(train_set, "root", "train"), getattr(val_set, "root", "val")
+    if len(train_classes) < 2:
+        raise DataError(f"{what}: {train_root} has only one class folder ({_names(train_classes)}); classifying "
+                        f"into one class always scores 100% and means nothing: it needs at least 2 classes")
+    if train_classes == val_classes:
+        return []
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    if not allow_mismatch:
+        diff = ", ".join(f"only in {split} {_names(names)}" for split, names in (("train", only_train),
+                                                                                ("val", only_val)) if names)
+        raise DataError(f"{what}: the class folders of {train_root} and {val_root} differ (labels are matched by "
+                        f"folder name): {diff}; make them the same, or pass --allow_class_mismatch to drop val "
+                        f"images of classes not in train")
+    to_train = {k: train_set.class_to_idx[c] for k, c in enumerate(val_classes) if c in train_set.class_to_idx}
+    if not to_train:
+        raise DataError(f"{what}: no class folder of {val_root} is a class of {train_root} (train classes "
+                        f"{_names(train_classes)}, val classes {_names(val_classes)})")
+    kept = [(p, to_train[y]) for p, y in val_set.samples if y in to_train]
+    n_dropped = len(val_set.samples) - len(kept)
+    val_set.samples = kept
+    val_set.targets = [y for _, y in kept]
+    val_set.classes = train_classes
+    val_set.class_to_idx = dict(train_set.class_to_idx)
+    if only_val:
+        log.warning("%s: --allow_class_mismatch: dropped %d val images of %d classes not in train %s; scoring %d "
+                    "val images", what, n_dropped, len(only_val), _names(only_val), len(kept))
+    if only_train:
+        log.info("%s: %d train classes have no val images: %s", what, len(only_train), _names(only_train))
+    return only_val
+
+
+def resolve_n_last_blocks(model: nn.Module, n_last_blocks: int | None) -> int:
+    """``None`` -> min(4, depth) (the official 4, capped for shallow backbones); an explicit
+    value must lie in 1..depth, else :class:`ConfigError` naming the depth."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ConfigError(f"n_last_blocks needs a ViT backbone with .blocks, got {type(model).__name__}")
+    depth = len(blocks)
+    if n_last_blocks is None:
+        return min(4, depth)
+    if isinstance(n_last_blocks, bool) or not isinstance(n_last_blocks, int) or not 1 <= n_last_blocks <= depth:
+        raise ConfigError(f"n_last_blocks={n_last_blocks!r} but the backbone has {depth} blocks: choose 1..{depth} "
+                          f"(default min(4, depth) = {min(4, depth)})")
+    return n_last_blocks
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``--device`` as a torch.device; :class:`ConfigError` for a malformed name or a CUDA
+    device this machine does not have."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -11,6 +11,10 @@ top-1 over the evaluations, as the official script prints.
 Two ways to train: on cached features (:func:`run_linear_probe`, fast, one
 deterministic view per image) or on the fly (:func:`run_linear_probe_online`,
 the official way, with random-resized-crop + flip augmentation each epoch).
+
+Train and val classes are matched by folder NAME (differing classes are an error unless
+``--allow_class_mismatch``; one class is an error); ``--n_last_blocks`` defaults to
+min(4, depth) of the backbone.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dino_fast.eval.features import IMAGENET_MEAN, IMAGENET_STD, backbone_features, eval_transform, extract_features
+from dino_fast.errors import ConfigError, DataError
+from dino_fast.eval.features import (IMAGENET_MEAN, IMAGENET_STD, backbone_features, eval_transform, extract_features,
+                                     match_classes, resolve_device, resolve_n_last_blocks)
 
 __all__ = ["LinearClassifier", "run_linear_probe", "run_linear_probe_online", "accuracy", "save_linear_checkpoint",
            "load_linear_classifier", "build_parser", "main"]
@@ -168,9 +174,9 @@ def _evaluate(classifier: LinearClassifier, batches: Iterable[tuple[torch.Tensor
 
 def _scaled_lr(lr: float, batch_size: int) -> float:
     if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"linear probe: lr must be a positive finite number, got {lr}")
+        raise ConfigError(f"linear probe: lr must be a positive finite number, got {lr}")
     if batch_size <= 0:
-        raise ValueError(f"linear probe: batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"linear probe: batch_size must be positive, got {batch_size}")
     return lr * batch_size / 256.0
 
 
@@ -186,13 +192,14 @@ def run_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
     ``{"top1", "top5", "val_loss", "best_top1", "best_epoch", "history", "lr",
     "classifier", "checkpoint"}`` (accuracies in percent, of the last epoch and
     the best evaluated one). With ``output_path`` the trained layer is saved
-    there atomically (see :func:`save_linear_checkpoint`)."""
+    there atomically (see :func:`save_linear_checkpoint`). Fewer than 2 classes in
+    the train labels raise :class:`~dino_fast.errors.DataError`."""
     _check_feats(train_feats, train_labels, "train")
     _check_feats(val_feats, val_labels, "val")
     if train_feats.shape[1] != val_feats.shape[1]:
         raise ValueError(f"linear probe: train features have {train_feats.shape[1]} channels, val {val_feats.shape[1]}")
     if epochs <= 0:
-        raise ValueError(f"linear probe: epochs must be positive, got {epochs}")
+        raise ConfigError(f"linear probe: epochs must be positive, got {epochs}")
     lr_scaled = _scaled_lr(lr, batch_size)
     n_max = int(max(train_labels.max(), val_labels.max())) + 1
     if int(min(train_labels.min(), val_labels.min())) < 0:
@@ -200,6 +207,9 @@ def run_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
     num_classes = n_max if num_classes is None else num_classes
     if num_classes < n_max:
         raise ValueError(f"linear probe: num_classes={num_classes} but labels go up to {n_max - 1}")
+    if num_classes < 2 or train_labels.unique().numel() < 2:
+        raise DataError(f"linear probe: the train labels hold one class ({int(train_labels[0])}) of {num_classes}; a "
+                        f"classifier trained on one class scores 100% and means nothing: it needs at least 2 classes")
     device = torch.device(device) if device is not None else train_feats.device
     torch.manual_seed(seed)  # the classifier init
     classifier = LinearClassifier(train_feats.shape[1], num_classes).to(device)
@@ -223,13 +233,15 @@ def run_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
 
 
 def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader: Iterable, epochs: int = 100,
-                            lr: float = 1e-3, n_last_blocks: int | None = 4, avgpool: bool = False,
+                            lr: float = 1e-3, n_last_blocks: int | None = None, avgpool: bool = False,
                             device: torch.device | str = "cpu", seed: int = 0, num_classes: int | None = None,
                             output_path: str | os.PathLike | None = None, val_every: int = 1,
                             progress: bool = False) -> dict[str, Any]:
     """The official way: features of freshly augmented batches each epoch (frozen
     ``model``, bf16 autocast on CUDA), the same classifier and schedule as
-    :func:`run_linear_probe`. The lr is scaled by ``train_loader.batch_size``."""
+    :func:`run_linear_probe`. The lr is scaled by ``train_loader.batch_size``.
+    ``n_last_blocks=None`` means min(4, depth); a value above the depth raises
+    :class:`~dino_fast.errors.ConfigError`."""
     device = torch.device(device)
     batch_size = getattr(train_loader, "batch_size", None)
     if not batch_size:
@@ -240,6 +252,10 @@ def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader
         if classes is None:
             raise ValueError("run_linear_probe_online: pass num_classes (the train dataset has no .classes)")
         num_classes = len(classes)
+    if num_classes < 2:
+        raise DataError(f"linear probe: {num_classes} class; a classifier on one class means nothing: it needs at "
+                        f"least 2 classes")
+    n_last_blocks = resolve_n_last_blocks(model, n_last_blocks)
     model.eval().requires_grad_(False)
     amp = device.type == "cuda"
 
@@ -263,52 +279,86 @@ def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``dino-fast linear`` (official eval_linear.py names where they exist)."""
-    p = parser or argparse.ArgumentParser("dino-fast linear", description=__doc__.splitlines()[0])
+    p = parser or argparse.ArgumentParser("dino-fast linear", description=__doc__.splitlines()[0],
+                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_weights", required=True, help="checkpoint or backbone weights (see load_pretrained)")
     p.add_argument("--checkpoint_key", default="teacher", help="which model of a training checkpoint")
     p.add_argument("--arch", default=None, help="vit_tiny | vit_small | vit_base (inferred when omitted)")
     p.add_argument("--patch_size", type=int, default=None, help="inferred when omitted")
     p.add_argument("--data_path", required=True, help="folder with train/ and val/ ImageFolder trees")
-    p.add_argument("--n_last_blocks", type=int, default=4, help="4 for ViT-S, 1 for ViT-B (official)")
+    p.add_argument("--allow_class_mismatch", action="store_true",
+                   help="train/val class folders may differ: labels matched by name, val images of classes absent "
+                        "from train dropped with a warning")
+    p.add_argument("--n_last_blocks", type=int, default=None,
+                   help="CLS tokens of the last n blocks; None: min(4, depth) (official: 4 for ViT-S, 1 for ViT-B)")
     p.add_argument("--avgpool_patchtokens", action="store_true", help="add averaged patch tokens (official ViT-B)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100, help="training epochs of the linear layer")
     p.add_argument("--lr", type=float, default=1e-3, help="base lr for a batch of 256")
     p.add_argument("--batch_size", type=int, default=1024, help="total batch (official: 8 GPUs x 128)")
-    p.add_argument("--num_workers", type=int, default=8)
-    p.add_argument("--resize", type=int, default=256)
-    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes")
+    p.add_argument("--resize", type=int, default=256, help="shorter side before the center crop")
+    p.add_argument("--crop", type=int, default=224, help="center / random-resized crop size")
     p.add_argument("--mode", choices=("cached", "online"), default="cached",
                    help="cached: one center crop per image, features computed once; online: official augmentation")
-    p.add_argument("--output_dir", default="./output_linear")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="./output_linear", help="linear.pth and the feature caches go here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbone runs")
+    p.add_argument("--seed", type=int, default=0, help="classifier init and shuffling")
     p.add_argument("--no_cache", action="store_true", help="do not read or write the feature cache (cached mode)")
     return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "resize", "crop"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"linear: --{name} must be >= 1, got {getattr(args, name)}")
+    if args.crop > args.resize:
+        raise ConfigError(f"linear: --crop {args.crop} is larger than --resize {args.resize}")
+    if args.num_workers < 0:
+        raise ConfigError(f"linear: --num_workers must be >= 0, got {args.num_workers}")
+    _scaled_lr(args.lr, args.batch_size)
 
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     """Entry point of ``dino-fast linear``: load weights, build the ImageFolder
     train/val sets, train the probe, save ``linear.pth`` in ``--output_dir``.
-    Returns the exit status (0)."""
+    Returns the exit status (0). Every check (flags, output folder, folders and their
+    classes, weights, n_last_blocks) runs before anything is written; user mistakes raise
+    :class:`~dino_fast.errors.DinoFastError` subclasses (one line from the CLI)."""
     from torch.utils.data import DataLoader
     from torchvision import transforms
 
     from dino_fast.data.folder import ImageFolderDataset
     from dino_fast.pretrained import load_pretrained
+    from dino_fast.runlock import check_output_dir
 
     if not isinstance(args, argparse.Namespace):
         args = build_parser().parse_args(args)
-    device = torch.device(args.device)
-    out = Path(args.output_dir)
+    _check_args(args)
+    device = resolve_device(args.device)
+    out = check_output_dir(args.output_dir)
+    val_tf = eval_transform(args.resize, args.crop)
+    if args.mode == "cached":
+        train_tf = val_tf
+    else:
+        train_tf = transforms.Compose([  # official eval_linear.py train augmentation
+            transforms.RandomResizedCrop(args.crop),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+    train_set = ImageFolderDataset(os.path.join(args.data_path, "train"), transform=train_tf)
+    val_set = ImageFolderDataset(os.path.join(args.data_path, "val"), transform=val_tf)
+    match_classes(train_set, val_set, args.allow_class_mismatch, what="linear probe")
     model = load_pretrained(args.pretrained_weights, key=args.checkpoint_key, arch=args.arch,
                             patch_size=args.patch_size).to(device)
-    val_tf = eval_transform(args.resize, args.crop)
-    val_set = ImageFolderDataset(os.path.join(args.data_path, "val"), transform=val_tf)
+    n_last_blocks = resolve_n_last_blocks(model, args.n_last_blocks)
+    log.info("linear probe: %d train / %d val images, %d classes, features of the last %d block(s)%s",
+             len(train_set), len(val_set), len(train_set.classes), n_last_blocks,
+             " + averaged patch tokens" if args.avgpool_patchtokens else "")
     loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
     if args.mode == "cached":
-        train_set = ImageFolderDataset(os.path.join(args.data_path, "train"), transform=val_tf)
         cache = (lambda split: None) if args.no_cache else (lambda split: out / f"features_{split}.pt")
-        kw = dict(device=device, n_last_blocks=args.n_last_blocks, avgpool=args.avgpool_patchtokens)
+        kw = dict(device=device, n_last_blocks=n_last_blocks, avgpool=args.avgpool_patchtokens)
         tr = extract_features(model, DataLoader(train_set, shuffle=False, **loader_kw), cache_path=cache("train"), **kw)
         va = extract_features(model, DataLoader(val_set, shuffle=False, **loader_kw), cache_path=cache("val"), **kw)
         result = run_linear_probe(*tr, *va, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -316,17 +366,10 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
                                   output_path=out / "linear.pth", progress=True)
     else:
         torch.manual_seed(args.seed)
-        train_tf = transforms.Compose([  # official eval_linear.py train augmentation
-            transforms.RandomResizedCrop(args.crop),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
-        train_set = ImageFolderDataset(os.path.join(args.data_path, "train"), transform=train_tf)
         result = run_linear_probe_online(
             model, DataLoader(train_set, shuffle=True, drop_last=False, **loader_kw),
             DataLoader(val_set, shuffle=False, **loader_kw), epochs=args.epochs, lr=args.lr,
-            n_last_blocks=args.n_last_blocks, avgpool=args.avgpool_patchtokens, device=device, seed=args.seed,
+            n_last_blocks=n_last_blocks, avgpool=args.avgpool_patchtokens, device=device, seed=args.seed,
             num_classes=len(train_set.classes), output_path=out / "linear.pth", progress=True)
     print(f"linear probe: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"best top-1 {result['best_top1']:.2f}% (epoch {result['best_epoch']})  -> {result['checkpoint']}")

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from dino_fast.errors import ConfigError, DataError
 from dino_fast.eval.features import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["cls_attention", "attention_mass_mask", "colorize", "visualize_attention", "build_parser", "main"]
+__all__ = ["cls_attention", "attention_mass_mask", "colorize", "read_image", "visualize_attention", "build_parser",
+           "main"]
 
 # Samples of the viridis color map at 0, 1/8, ..., 1 (linearly interpolated in between).
 _VIRIDIS = np.array([
@@ -82,26 +84,36 @@ def _upsample(a: torch.Tensor, factor: int) -> np.ndarray:
     return a.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1).cpu().numpy()
 
 
+def read_image(image_path: str | os.PathLike):
+    """Decode ``image_path`` fully as an RGB PIL image; :class:`DataError` naming the file when
+    it is missing, not a file, or not a decodable image."""
+    from PIL import Image
+
+    path = Path(image_path)
+    if not path.exists():
+        raise DataError(f"visualize: image not found: {path}")
+    if not path.is_file():
+        raise DataError(f"visualize: image path is not a file: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = str(e).replace(str(path), "").strip(" '\"") or type(e).__name__
+        raise DataError(f"visualize: cannot decode image {path} (not an image, or corrupt: {reason})") from None
+
+
 def _load_image(image_path: str | os.PathLike, image_size: int | Sequence[int], patch_size: int):
     """PIL image resized as the official script does, then cropped (top-left) to a
     multiple of the patch size; and its normalized tensor (1, 3, H, W)."""
-    from PIL import Image
     from torchvision import transforms
 
-    path = Path(image_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"visualize_attention: image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except Exception as e:
-        raise ValueError(f"visualize_attention: cannot decode image {path}: {type(e).__name__}: {e}") from None
+    img = read_image(image_path)
     size = image_size if isinstance(image_size, int) else tuple(int(s) for s in image_size)
     img = transforms.Resize(size)(img)
     w, h = img.size
     w, h = w - w % patch_size, h - h % patch_size
     if w == 0 or h == 0:
-        raise ValueError(f"visualize_attention: image_size {image_size} is smaller than one patch ({patch_size} px)")
+        raise ConfigError(f"visualize_attention: image_size {image_size} is smaller than one patch ({patch_size} px)")
     img = img.crop((0, 0, w, h))
     x = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.ToTensor()(img))[None]
     return img, x
@@ -122,14 +134,23 @@ def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir
     head, ``attn-mean.png``, ``attn-overlay.png`` (mean map over the image) and,
     unless ``threshold`` is None, ``mask_th{threshold}_head{j}.png`` (the patches
     holding ``threshold`` of head j's attention mass, tinted over the image). All
-    have the size of ``img.png``. Returns the written paths in that order."""
+    have the size of ``img.png``. Returns the written paths in that order. A missing or
+    undecodable image raises :class:`DataError`, bad sizes / threshold / ``out_dir``
+    :class:`ConfigError`, all before anything is written."""
     if patch_size is None:
         ps = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         if ps is None:
             raise ValueError("visualize_attention: pass patch_size (the model has no patch_embed.patch_size)")
         patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
     if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise ValueError(f"visualize_attention: threshold must be in (0, 1] or None, got {threshold}")
+        raise ConfigError(f"visualize_attention: threshold must be in (0, 1] or None, got {threshold}")
+    sizes = [image_size] if isinstance(image_size, int) else list(image_size)
+    if not 1 <= len(sizes) <= 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+        raise ConfigError(f"visualize_attention: image_size must be one int or (H, W) of positive ints, got "
+                          f"{image_size!r}")
+    from dino_fast.runlock import check_output_dir, ensure_output_dir
+
+    check_output_dir(out_dir)  # before any work: a file in the way is reported first
     device = torch.device(device) if device is not None else next(model.parameters()).device
     img, x = _load_image(image_path, image_size, patch_size)
     from PIL import Image
@@ -148,8 +169,7 @@ def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir
     patches = attn[:, 1:]  # (heads, hf*wf): CLS attention to the patches only
     heads = patches.shape[0]
     maps = _upsample(patches.reshape(heads, hf, wf), patch_size)  # (heads, H, W)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_output_dir(out_dir)
     base = np.asarray(img)
     written: list[Path] = []
 
@@ -175,27 +195,39 @@ def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``dino-fast visualize`` (official visualize_attention.py names)."""
-    p = parser or argparse.ArgumentParser("dino-fast visualize", description=__doc__.splitlines()[0])
+    p = parser or argparse.ArgumentParser("dino-fast visualize", description=__doc__.splitlines()[0],
+                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_weights", required=True, help="checkpoint or backbone weights (see load_pretrained)")
-    p.add_argument("--checkpoint_key", default="teacher")
+    p.add_argument("--checkpoint_key", default="teacher", help="which model of a training checkpoint")
     p.add_argument("--arch", default=None, help="inferred from the weights when omitted")
     p.add_argument("--patch_size", type=int, default=None, help="inferred from the weights when omitted")
-    p.add_argument("--image_path", required=True)
+    p.add_argument("--image_path", required=True, help="the image to draw the attention of")
     p.add_argument("--image_size", type=int, nargs="+", default=[480, 480], help="H W, or one int: shorter side")
-    p.add_argument("--output_dir", default=".")
+    p.add_argument("--output_dir", default=".", help="where the PNG files are written")
     p.add_argument("--threshold", type=float, default=0.6, help="attention mass kept in the masks")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbone runs")
     return p
 
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """Entry point of ``dino-fast visualize``; returns the exit status (0)."""
+    """Entry point of ``dino-fast visualize``; returns the exit status (0). The image, sizes,
+    threshold, output folder and device are checked before the weights are read; user
+    mistakes raise :class:`~dino_fast.errors.DinoFastError` subclasses (one line from the CLI)."""
+    from dino_fast.eval.features import resolve_device
     from dino_fast.pretrained import load_pretrained
+    from dino_fast.runlock import check_output_dir
 
     if not isinstance(args, argparse.Namespace):
         args = build_parser().parse_args(args)
+    if len(args.image_size) > 2 or min(args.image_size) < 1:
+        raise ConfigError(f"visualize: --image_size takes one or two positive ints (H W), got {args.image_size}")
+    if not 0.0 < args.threshold <= 1.0:
+        raise ConfigError(f"visualize: --threshold must be in (0, 1], got {args.threshold}")
+    check_output_dir(args.output_dir)
+    read_image(args.image_path)  # a wrong file is reported before a large checkpoint is read
+    device = resolve_device(args.device)
     model = load_pretrained(args.pretrained_weights, key=args.checkpoint_key, arch=args.arch,
-                            patch_size=args.patch_size).to(args.device)
+                            patch_size=args.patch_size).to(device)
     size = args.image_size[0] if len(args.image_size) == 1 else args.image_size[:2]
     paths = visualize_attention(model, args.image_path, args.output_dir, image_size=size, threshold=args.threshold)
     print(f"wrote {len(paths)} images to {args.output_dir}")

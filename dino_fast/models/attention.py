@@ -6,30 +6,49 @@ the official DINO keys (``attn.qkv.*``, ``attn.proj.*``). Only ``forward`` chang
 is picked per module by its ``backend`` attribute (see ``BACKENDS``).
 
 Packed sequences (all crops of a step in one row, batch dim 1) are described by
-``PackedSeqlens``; it becomes an xformers ``BlockDiagonalMask`` on the xformers backend. On
-sdpa / math the packed row is split into runs of equal-length segments, each run reshaped to
-an ordinary ``(count, length)`` batch and attended without any mask, which is exactly
-block-diagonal attention with no ``T x T`` mask in memory.
+``PackedSeqlens`` (``varlen.py``). How each backend attends a packed row:
+  varlen    one ``torch.nn.attention.varlen.varlen_attn`` call over the whole row (cu_seqlens)
+  xformers  one ``memory_efficient_attention`` call with a ``BlockDiagonalMask``
+  flex      one compiled ``flex_attention`` call with a block-diagonal ``BlockMask``
+  sdpa/math the row split into runs of equal-length sequences, each run an ordinary
+            ``(count, length)`` batch without a mask: one call per run, no ``T x T`` mask.
+
+"auto" picks, for q of dtype ``dtype`` on ``device`` (``auto_backend``; first that works):
+  packed input on CUDA:  varlen (fp16/bf16, head_dim % 8 == 0 and <= 256, no attention
+                         dropout, the kernel runs here) > xformers (fp16/bf16, its kernels load
+                         and run here) > flex (no attention dropout, Triton) > sdpa by runs
+  ordinary batch, or any input on CPU:  sdpa (it dispatches to flash / cuDNN by itself).
+``describe_attention(device, dtype)`` says in one line which kernel "auto" runs and why.
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
+import json
 import logging
-from typing import Any, Iterable
+import os
+import platform
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention as _TimmAttention
 
-__all__ = ["BACKENDS", "Attention", "PackedSeqlens", "set_attn_backend", "xformers_usable"]
+from . import varlen as _vl
+from .varlen import PackedSeqlens, _xops
+
+__all__ = ["BACKENDS", "Attention", "PackedSeqlens", "auto_backend", "describe_attention", "set_attn_backend",
+           "xformers_usable"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sdpa", "xformers", "math")
-"""auto: xformers when it runs on this GPU and q is fp16/bf16 on CUDA, else sdpa.
-sdpa: ``F.scaled_dot_product_attention``. xformers: ``memory_efficient_attention`` (CUDA).
+BACKENDS = ("auto", "sdpa", "varlen", "flex", "xformers", "math")
+"""auto: see the module docstring. sdpa: ``F.scaled_dot_product_attention``. varlen:
+``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch >= 2.10). flex: compiled
+``flex_attention`` (CUDA; CPU forward only). xformers: ``memory_efficient_attention`` (CUDA).
 math: explicit softmax (reference; also what ``attention_probs`` uses)."""
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_backend(backend: str) -> str:
@@ -38,106 +57,179 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def _xops() -> Any:
-    """xformers.ops, imported on first use (importing it is slow and warns on CPU-only installs)."""
+# --- can a kernel run here? ------------------------------------------------------------------
+# Each probe runs once per device, returns '' (usable) or one line saying why not, and is a
+# constant to torch.compile (the blocks are compiled; a probe must not be traced).
+_PROBES: dict[tuple[str, int], str] = {}
+
+
+def _probe(kind: str, device_index: int, check: Callable[[int], str]) -> str:
+    key = (kind, device_index)
+    if key not in _PROBES:
+        try:
+            with torch.enable_grad():
+                _PROBES[key] = check(device_index)
+        except Exception as e:  # a kernel that raises here would raise in training too
+            _PROBES[key] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if _PROBES[key]:
+            log.info("%s attention is not usable on cuda:%d: %s", kind, device_index, _PROBES[key])
+    return _PROBES[key]
+
+
+def _check_varlen(i: int) -> str:
+    info = _vl._load_varlen()
+    if info["error"]:
+        return info["error"]
+    major, minor = torch.cuda.get_device_capability(i)
+    if major < 8:
+        return f"flash attention needs sm80+, cuda:{i} is sm{major}{minor}"
+    dev = torch.device("cuda", i)
+    # Two calls: torch routes max_q <= 128 to flash and longer ones (sm90/100, recent cuDNN) to
+    # cuDNN; 224-px crops (197 tokens) take the second path.
+    for lengths in ((3, 5), (3, 197)):
+        q = torch.zeros(sum(lengths), 1, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        cu = torch.tensor([0, lengths[0], sum(lengths)], device=dev, dtype=torch.int32)
+        info["fn"](q, q, q, cu, cu, max(lengths), max(lengths)).sum().backward()
+    return ""
+
+
+def xformers_build_problem() -> str:
+    """'' when xformers imports with its C++/CUDA kernels loaded; else why not, naming the torch
+    and python it was built for (from its ``cpp_lib.json`` build metadata) next to ours."""
+    spec = importlib.util.find_spec("xformers")
+    if spec is None:
+        return "not installed"
     try:
-        import xformers.ops as xops
-    except Exception as e:  # ImportError, or a broken build raising something else
-        raise ImportError(f"the 'xformers' attention backend needs xformers: {e}") from e
-    return xops
-
-
-@functools.lru_cache(maxsize=None)
-def xformers_usable(device_index: int = 0) -> bool:
-    """True when xformers imports AND its attention kernels run on CUDA device ``device_index``.
-
-    Probed once per device with a tiny block-diagonal call: an xformers wheel built for
-    another torch imports fine but has no kernels, and "auto" must then fall back to sdpa.
-    """
-    if not torch.cuda.is_available():
-        return False
-    try:
-        xops = _xops()
-        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
-
-        dev = torch.device("cuda", device_index)
-        q = torch.zeros(1, 8, 1, 64, device=dev, dtype=torch.bfloat16)
-        xops.memory_efficient_attention(q, q, q, attn_bias=BlockDiagonalMask.from_seqlens([4, 4], device=dev))
-        return True
+        import xformers
     except Exception as e:
-        log.warning("xformers attention is not usable on cuda:%d (%s); 'auto' attention uses sdpa",
-                    device_index, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return False
+        return f"import failed: {(str(e).splitlines() or [type(e).__name__])[0]}"
+    if getattr(xformers, "_has_cpp_library", True):
+        return ""
+    meta: dict[str, Any] = {}
+    exc = getattr(getattr(xformers, "_cpp_lib", None), "_cpp_library_load_exception", None)
+    build = getattr(exc, "build_info", None)
+    if build is not None:
+        meta = dict(getattr(build, "metadata", {}).get("version", {}))
+    elif spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "cpp_lib.json")
+        try:
+            with open(path) as fp:
+                meta = json.load(fp).get("version", {})
+        except (OSError, ValueError):
+            pass
+    ver = getattr(xformers, "__version__", "?")
+    if not meta:
+        return f"xformers {ver}: C++/CUDA kernels did not load ({type(exc).__name__ if exc else 'no build info'})"
+    return (f"xformers {ver} built for torch {meta.get('torch')}, python {meta.get('python')}; "
+            f"you have torch {torch.__version__}, python {platform.python_version()}")
 
 
-class PackedSeqlens:
-    """Lengths of the sequences packed back to back into one row ``(1, T, D)``.
+def _check_xformers(i: int) -> str:
+    problem = xformers_build_problem()
+    if problem:
+        return problem
+    xops = _xops()
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
-    Tokens of sequence ``i`` attend only to tokens of sequence ``i`` (block-diagonal
-    attention). Build it once per forward; the xformers mask it converts to is cached on it
-    so every block reuses the same one.
-    """
+    dev = torch.device("cuda", i)
+    q = torch.zeros(1, 8, 1, 64, device=dev, dtype=torch.bfloat16)
+    xops.memory_efficient_attention(q, q, q, attn_bias=BlockDiagonalMask.from_seqlens([4, 4], device=dev))
+    return ""
 
-    def __init__(self, seqlens: Iterable[int]) -> None:
-        self.seqlens: tuple[int, ...] = tuple(int(n) for n in seqlens)
-        if not self.seqlens or min(self.seqlens) < 1:
-            raise ValueError(f"seqlens must be a non-empty list of positive lengths, got {self.seqlens[:8]}...")
-        self.total = sum(self.seqlens)
-        # Runs of consecutive equal lengths: (token_start, seq_start, count, length).
-        runs: list[tuple[int, int, int, int]] = []
-        tok = 0
-        for i, n in enumerate(self.seqlens):
-            if runs and runs[-1][3] == n:
-                t0, s0, c, _ = runs[-1]
-                runs[-1] = (t0, s0, c + 1, n)
-            else:
-                runs.append((tok, i, 1, n))
-            tok += n
-        self.runs = runs
-        self._xformers_bias: Any = None
 
-    @classmethod
-    def from_any(cls, bias: Any) -> "PackedSeqlens":
-        """From a ``PackedSeqlens`` or an xformers ``BlockDiagonalMask`` (self-attention)."""
-        if isinstance(bias, cls):
-            return bias
-        q_info = getattr(bias, "q_seqinfo", None)
-        k_info = getattr(bias, "k_seqinfo", None)
-        if q_info is None or k_info is None or type(bias).__name__ != "BlockDiagonalMask":
-            raise TypeError(f"cannot read packed sequence lengths from {type(bias).__name__}; "
-                            "pass a PackedSeqlens or an xformers BlockDiagonalMask")
-        starts = list(q_info.seqstart_py)
-        if starts != list(k_info.seqstart_py):
-            raise ValueError("BlockDiagonalMask with different query and key segments is not self-attention")
-        return cls(b - a for a, b in zip(starts[:-1], starts[1:]))
+def _check_flex(i: int) -> str:
+    info = _vl._load_flex()
+    if info["error"]:
+        return info["error"]
+    from torch.utils._triton import has_triton
 
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seqlens)
+    if not has_triton():
+        return "compiled FlexAttention needs Triton for this GPU"
+    major, minor = torch.cuda.get_device_capability(i)
+    return "" if major >= 8 else f"FlexAttention kernels need sm80+, cuda:{i} is sm{major}{minor}"
 
-    def to_xformers(self, device: torch.device) -> Any:
-        """The equivalent xformers ``BlockDiagonalMask`` (built once, then reused)."""
-        if self._xformers_bias is None:
-            _xops()
-            from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
-            self._xformers_bias = BlockDiagonalMask.from_seqlens(list(self.seqlens), device=device)
-        return self._xformers_bias
+@torch.compiler.assume_constant_result
+def varlen_problem(device_index: int) -> str:
+    """'' when torch's varlen flash attention runs (forward + backward) on ``cuda:device_index``."""
+    return _probe("varlen", device_index, _check_varlen)
 
-    def dense_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """Boolean ``(T, T)`` mask, True where attention is allowed (for references and tests)."""
-        seq_id = torch.repeat_interleave(torch.arange(self.num_seqs, device=device),
-                                         torch.tensor(self.seqlens, device=device))
-        return seq_id[:, None] == seq_id[None, :]
 
-    def cls_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """First token of every sequence of a packed ``(1, T, D)`` tensor -> ``(num_seqs, D)``."""
-        if x.shape[:2] != (1, self.total):
-            raise ValueError(f"packed tensor must have shape (1, {self.total}, D), got {tuple(x.shape)}")
-        return torch.cat([x[0, t0:t0 + c * n].view(c, n, -1)[:, 0] for t0, _, c, n in self.runs])
+@torch.compiler.assume_constant_result
+def xformers_problem(device_index: int) -> str:
+    """'' when xformers' attention kernels run on ``cuda:device_index``; else why not."""
+    return _probe("xformers", device_index, _check_xformers)
 
-    def __repr__(self) -> str:
-        return f"PackedSeqlens(num_seqs={self.num_seqs}, total={self.total}, runs={[(c, n) for *_, c, n in self.runs]})"
+
+@torch.compiler.assume_constant_result
+def flex_problem(device_index: int) -> str:
+    """'' when compiled FlexAttention can run on ``cuda:device_index`` (not compiled by the probe)."""
+    return _probe("flex", device_index, _check_flex)
+
+
+def xformers_usable(device_index: int = 0) -> bool:
+    """True when xformers imports AND its attention kernels run on CUDA device ``device_index``."""
+    return torch.cuda.is_available() and xformers_problem(device_index) == ""
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, packed: bool,
+                 dropout: bool = False) -> tuple[str, str]:
+    """(backend "auto" runs, why the faster ones were skipped) for q of ``dtype`` on ``device``;
+    the order is in the module docstring. ``dropout``: attention dropout active (training)."""
+    if device.type != "cuda":
+        return "sdpa", f"{device.type}: varlen, xformers and flex kernels need CUDA"
+    if not packed:
+        return "sdpa", ""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    half = dtype in _HALF
+    # Each check is a lambda so a kernel is probed only when every faster one was skipped.
+    candidates: tuple[tuple[str, Callable[[], Any]], ...] = (
+        ("varlen", lambda: (not half and f"needs fp16/bf16, q is {dtype}")
+         or (not (head_dim % 8 == 0 and head_dim <= 256) and f"head_dim {head_dim} is not a multiple of 8 <= 256")
+         or (dropout and "has no attention dropout") or varlen_problem(idx)),
+        ("xformers", lambda: (not half and f"needs fp16/bf16, q is {dtype}") or xformers_problem(idx)),
+        ("flex", lambda: (dropout and "has no attention dropout") or flex_problem(idx)),
+    )
+    skipped = []
+    for name, check in candidates:
+        problem = check()
+        if not problem:
+            return name, "; ".join(skipped)
+        skipped.append(f"{name}: {problem}")
+    return "sdpa", "; ".join(skipped)
+
+
+@torch.compiler.assume_constant_result
+def _auto_name(device_type: str, device_index: int, dtype: torch.dtype, head_dim: int, packed: bool,
+               dropout: bool) -> str:
+    """``auto_backend``'s choice as a constant to torch.compile (probes are never traced)."""
+    return auto_backend(torch.device(device_type, device_index), dtype, head_dim, packed, dropout)[0]
+
+
+def describe_attention(device: torch.device | str, dtype: torch.dtype, head_dim: int = 64) -> str:
+    """One line: which kernel backend "auto" runs for packed and for per-resolution input on
+    ``device`` at ``dtype`` (the compute dtype, e.g. bf16 under autocast), and why. Probes the
+    kernels once (a tiny call each); log it at start-up."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    packed, why = auto_backend(dev, dtype, head_dim, packed=True)
+    plain, _ = auto_backend(dev, dtype, head_dim, packed=False)
+    where = str(dev)
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        where += f" ({torch.cuda.get_device_name(dev)}, sm{major}{minor})"
+    packed_desc = {"varlen": "varlen (one flash/cuDNN call per block over all crops)",
+                   "xformers": "xformers (one call per block, BlockDiagonalMask)",
+                   "flex": "flex (one compiled FlexAttention call per block, block mask)",
+                   "sdpa": "sdpa by equal-length runs (one call per resolution per block)"}[packed]
+    line = (f"attention 'auto' on {where}, {str(dtype).replace('torch.', '')}, head_dim {head_dim}, torch "
+            f"{torch.__version__}: packed multi-crop -> {packed_desc}{f' [{why}]' if why else ''}; "
+            f"per-resolution -> {plain}")
+    if "xformers:" not in why and packed != "xformers":
+        problem = xformers_build_problem()
+        line += f"; xformers: {problem or 'loads'}"
+    return line
 
 
 def _is_packed(attn_mask: Any) -> bool:
@@ -159,21 +251,37 @@ class Attention(_TimmAttention):
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
-    def _resolve(self, qkv: torch.Tensor, attn_mask: Any, is_causal: bool) -> str:
+    def _dropout_active(self) -> bool:
+        return self.training and self.attn_drop.p > 0.0
+
+    def resolve_backend(self, device: torch.device, dtype: torch.dtype, packed: bool,
+                        dense: bool = False) -> str:
+        """The backend this module runs for q of ``dtype`` on ``device`` ("auto" resolved);
+        raises ValueError when an explicitly chosen backend cannot take this input."""
         backend = _check_backend(self.backend)
-        dense = isinstance(attn_mask, torch.Tensor) or is_causal
         if backend == "auto":
-            use_xf = (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and not dense
-                      and xformers_usable(qkv.device.index if qkv.device.index is not None
-                                          else torch.cuda.current_device()))
-            return "xformers" if use_xf else "sdpa"
-        if backend == "xformers":
-            if not qkv.is_cuda:
-                raise ValueError(f"the xformers attention backend needs CUDA tensors, got device {qkv.device}; "
-                                 "use backend 'sdpa' or 'auto'")
-            if dense:
-                raise ValueError("the xformers backend takes no dense tensor mask or is_causal here; use 'sdpa'")
+            if dense or device.type != "cuda":
+                return "sdpa"
+            return _auto_name(device.type, device.index, dtype, self.head_dim, packed, self._dropout_active())
+        if backend in ("xformers", "varlen", "flex") and dense:
+            raise ValueError(f"the {backend} backend takes no dense tensor mask or is_causal here; use 'sdpa'")
+        if backend == "xformers" and device.type != "cuda":
+            raise ValueError(f"the xformers attention backend needs CUDA tensors, got device {device}; "
+                             "use backend 'sdpa' or 'auto'")
+        if backend in ("varlen", "flex"):
+            if self._dropout_active():
+                raise ValueError(f"the {backend} backend has no attention dropout (attn_drop p="
+                                 f"{self.attn_drop.p}); use 'sdpa' or 'xformers'")
+            get = _vl.get_varlen_attn if backend == "varlen" else _vl.get_flex_attention
+            if get(device) is None:
+                need = "CUDA and torch >= 2.10" if backend == "varlen" else "torch with FlexAttention"
+                raise ValueError(f"the {backend} attention backend needs {need}, got device {device}, torch "
+                                 f"{torch.__version__}; use backend 'sdpa' or 'auto'")
         return backend
+
+    def _resolve(self, qkv: torch.Tensor, attn_mask: Any, is_causal: bool) -> str:
+        dense = isinstance(attn_mask, torch.Tensor) or is_causal
+        return self.resolve_backend(qkv.device, qkv.dtype, _is_packed(attn_mask), dense)
 
     def _qk_norm(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Under autocast a LayerNorm q/k-norm returns fp32 while v stays bf16; kernels want one dtype.
@@ -191,6 +299,32 @@ class Attention(_TimmAttention):
         else:
             attn = self._probs(q, k, attn_mask, is_causal)
             x = self.attn_drop(attn) @ v
+        return x.transpose(1, 2).reshape(B, N, self.attn_dim)
+
+    def _varlen(self, qkv: torch.Tensor, seqs: PackedSeqlens | None) -> torch.Tensor:
+        """One varlen call for the whole (B, N, 3, H, Dh) qkv: the packed row's segments, or B
+        segments of N tokens for an ordinary batch. -> (B, N, H * Dh)."""
+        B, N = qkv.shape[:2]
+        fn = _vl.get_varlen_attn(qkv.device)
+        if fn is _vl._VARLEN.get("fn") and qkv.dtype not in _HALF:
+            raise ValueError(f"the varlen backend (flash) needs fp16/bf16 q/k/v, got {qkv.dtype}; "
+                             "use autocast, or backend 'sdpa' / 'auto'")
+        q, k, v = qkv.reshape(B * N, 3, self.num_heads, self.head_dim).unbind(1)  # (T, H, Dh) each
+        q, k = self._qk_norm(q, k, v.dtype)
+        if seqs is None:  # built on device: no host copy per call
+            cu, max_len = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=qkv.device), N
+        else:
+            cu, max_len = seqs.cu_seqlens(qkv.device), seqs.max_seqlen
+        x = _vl.varlen_attention(fn, q, k, v, cu, max_len, self.scale)  # (T, H, Dh)
+        return x.reshape(B, N, self.attn_dim)
+
+    def _flex(self, qkv: torch.Tensor, seqs: PackedSeqlens | None) -> torch.Tensor:
+        """One flex_attention call; block-diagonal BlockMask for a packed row. -> (B, N, H * Dh)."""
+        B, N = qkv.shape[:2]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) each
+        q, k = self._qk_norm(q, k, v.dtype)
+        mask = None if seqs is None else seqs.flex_block_mask(qkv.device)
+        x = _vl.get_flex_attention(qkv.device)(q, k, v, block_mask=mask, scale=self.scale)
         return x.transpose(1, 2).reshape(B, N, self.attn_dim)
 
     def _probs(self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -211,7 +345,6 @@ class Attention(_TimmAttention):
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        backend = self._resolve(qkv, attn_mask, is_causal)
         seqs = None
         if _is_packed(attn_mask):
             if B != 1:
@@ -219,12 +352,17 @@ class Attention(_TimmAttention):
             seqs = PackedSeqlens.from_any(attn_mask)
             if seqs.total != N:
                 raise ValueError(f"packed seqlens sum to {seqs.total} but the input has {N} tokens")
+        backend = self._resolve(qkv, attn_mask, is_causal)
 
-        if backend == "xformers":
+        if backend == "varlen":
+            x = self._varlen(qkv, seqs)
+        elif backend == "flex":
+            x = self._flex(qkv, seqs)
+        elif backend == "xformers":
             xops = _xops()
             q, k, v = qkv.unbind(2)  # (B, N, H, Dh): xformers' layout, no transpose needed
             q, k = self._qk_norm(q, k, v.dtype)
-            bias = attn_mask.to_xformers(x.device) if isinstance(attn_mask, PackedSeqlens) else attn_mask
+            bias = seqs.to_xformers(x.device) if isinstance(attn_mask, PackedSeqlens) else attn_mask
             x = xops.memory_efficient_attention(q, k, v, attn_bias=bias,
                                                 p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
             x = x.reshape(B, N, self.attn_dim)

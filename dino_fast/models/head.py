@@ -5,6 +5,11 @@ weight-normalised linear layer without bias to ``out_dim`` prototypes. The weigh
 written out by hand (``WeightNormLinear``) with the official parameter names
 ``last_layer.weight_g`` (out, 1) and ``last_layer.weight_v`` (out, in): plain parameters, so
 official checkpoints load, and FSDP2 / torch.compile see no weight-norm hooks.
+
+``DINOHead(..., fused_loss=True)`` stops before the last layer: its forward returns the
+l2-normalised bottleneck features, and ``DINOLoss.forward_fused_head(feats, head.last_layer,
+teacher_logits, epoch)`` runs the last layer fused with the loss (the student logits are never
+materialised). Parameters and state dict are unchanged.
 """
 from __future__ import annotations
 
@@ -48,11 +53,15 @@ class DINOHead(nn.Module):
 
     ``norm_last_layer=True`` fixes ``last_layer.weight_g`` to 1 (requires_grad False), so the
     prototypes stay unit-norm; ``use_bn`` adds BatchNorm1d after the hidden linears (off for ViT).
+    ``fused_loss=True``: forward returns the ``(B, bottleneck_dim)`` normalised features and the
+    loss applies ``last_layer`` (see the module docstring); ``logits(x)`` still gives the logits.
     """
 
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
-                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256) -> None:
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 fused_loss: bool = False) -> None:
         super().__init__()
+        self.fused_loss = fused_loss
         for name, val in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
                           ("bottleneck_dim", bottleneck_dim)):
             if int(val) < 1:
@@ -84,7 +93,14 @@ class DINOHead(nn.Module):
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_dim) -> (B, bottleneck_dim)``: the l2-normalised input of the last layer."""
+        return F.normalize(self.mlp(x), dim=-1, p=2)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_dim) -> (B, out_dim)`` whatever ``fused_loss`` says."""
+        return self.last_layer(self.features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)  # (B, bottleneck)
-        return self.last_layer(x)  # (B, out_dim)
+        feats = self.features(x)  # (B, bottleneck)
+        return feats if self.fused_loss else self.last_layer(feats)  # (B, out_dim) unless fused_loss

@@ -6,12 +6,16 @@ What differs from a plain timm ViT, and why:
   see exactly the embeddings they see in the official code;
 - inputs whose side is not a multiple of the patch are cropped at the right/bottom, which is
   what the official stride-``p`` convolution does (timm would assert);
-- ``Attention`` with a backend switch (sdpa | xformers | math) and packed multi-crop
-  forward (``forward_packed``) with block-diagonal attention;
+- ``Attention`` with a backend switch (auto | sdpa | varlen | flex | xformers | math) and
+  packed multi-crop forward (``forward_packed``): one token row, one block-diagonal attention
+  call per block (varlen / xformers / flex) or one per resolution (sdpa);
+- optional iBOT / DINOv2 masked-image-modelling input (``masked_im_modeling=True``): a
+  ``mask_token`` replaces masked patch tokens (``prepare_tokens(x, masks)``), and
+  ``forward_tokens`` returns the CLS and patch tokens for a patch-level loss;
 - official init (class token ~ trunc_normal(.02), timm draws it with std 1e-6) and the
   official API: ``forward -> CLS``, ``get_last_selfattention``, ``get_intermediate_layers``.
 State-dict keys are timm's ``VisionTransformer(num_classes=0)`` keys, which equal the official
-DINO backbone keys.
+DINO backbone keys (``masked_im_modeling=True`` adds one: ``mask_token``, see ``DinoViT``).
 """
 from __future__ import annotations
 
@@ -79,11 +83,18 @@ class DinoBlock(Block):
 
 
 class DinoViT(VisionTransformer):
-    """DINO ViT backbone (see module docstring). Build it with :func:`build_backbone`."""
+    """DINO ViT backbone (see module docstring). Build it with :func:`build_backbone`.
+
+    ``masked_im_modeling=True`` adds a ``mask_token`` parameter ``(1, 1, D)``, zeros at init
+    (iBOT / DINOv2 init; DINOv2 stores it as ``(1, D)``: reshape when loading theirs). Default
+    models keep the official keys. A checkpoint without ``mask_token`` loads into a masked
+    model with ``missing, unexpected = model.load_state_dict(sd, strict=False)`` after checking
+    ``set(missing) <= {"mask_token"} and not unexpected``; the token then stays at its init.
+    """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-                 attn_backend: str = "auto", **kw: Any) -> None:
+                 attn_backend: str = "auto", masked_im_modeling: bool = False, **kw: Any) -> None:
         fixed = sorted(set(kw) & set(_FIXED))
         if fixed:
             raise ValueError(f"DinoViT fixes {fixed} (DINO architecture); do not pass them")
@@ -99,6 +110,9 @@ class DinoViT(VisionTransformer):
         self.patch_size = patch_size
         trunc_normal_(self.cls_token, std=0.02)  # official DINO init (timm: normal std 1e-6)
         set_attn_backend(self, attn_backend)
+        self.masked_im_modeling = masked_im_modeling
+        if masked_im_modeling:  # registered only when asked: default state dicts keep official keys
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
 
     # --- tokens -------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,16 +130,31 @@ class DinoViT(VisionTransformer):
             raise ValueError(f"{what} must be (B, {self.in_chans}, H, W) images with H, W >= patch {p}, "
                              f"got shape {tuple(x.shape)}")
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, 1 + h*w, D), as official ``prepare_tokens``."""
+    def _mask_patches(self, x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """Patch tokens (B, h, w, D) with the ``mask_token`` where ``masks`` (B, h*w) is True
+        (DINOv2 ``prepare_tokens_with_masks``: before the class token and pos-embed)."""
+        if masks is None:
+            return x
+        if not self.masked_im_modeling:
+            raise ValueError("masks need a model built with masked_im_modeling=True (it has no mask_token)")
+        B, h, w, _ = x.shape
+        if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or tuple(masks.shape) != (B, h * w):
+            raise ValueError(f"masks must be a bool tensor of shape (B, h*w) = ({B}, {h * w}), got "
+                             f"{getattr(masks, 'dtype', type(masks).__name__)} {tuple(getattr(masks, 'shape', ()))}")
+        return torch.where(masks.view(B, h, w, 1), self.mask_token.to(x.dtype).view(1, 1, 1, -1), x)
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, 1 + h*w, D), as official ``prepare_tokens``;
+        ``masks`` (B, h*w) bool puts the mask token on those patches (masked_im_modeling)."""
         self._check_images(x)
-        x = self._pos_embed(self.patch_embed(x))
+        x = self._pos_embed(self._mask_patches(self.patch_embed(x), masks))
         return self.norm_pre(self.patch_drop(x))
 
     # --- forwards -----------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
-        """All tokens after the final norm: (B, 1 + h*w, D)."""
-        x = self.prepare_tokens(x)
+    def forward_features(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False,
+                         masks: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm: (B, 1 + h*w, D); ``masks`` as ``prepare_tokens``."""
+        x = self.prepare_tokens(x, masks)
         if attn_mask is not None or is_causal:
             for blk in self.blocks:
                 x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -140,13 +169,23 @@ class DinoViT(VisionTransformer):
         """CLS token after the final norm, (B, D) (official DINO ViT forward)."""
         return self.forward_features(x)[:, 0]
 
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS (B, D), patch tokens (B, h*w, D)) after the final norm, for an iBOT-style patch
+        loss; ``masks`` (B, h*w) bool replaces those patches by the mask token first."""
+        x = self.forward_features(x, masks=masks)
+        return x[:, 0], x[:, 1:]
+
     def forward_packed(self, views: list[torch.Tensor]) -> torch.Tensor:
         """CLS features of all ``views`` from ONE pass through the blocks: (sum_v B_v, D).
 
         Each run of consecutive same-size views is patch-embedded together with its own
         pos-embed interpolation; every image's tokens then go back to back into one row
-        (1, T, D) and the blocks attend block-diagonally (``PackedSeqlens``). Rows come out
-        in the given view order, same layout as ``torch.cat([self(v) for v in views])``.
+        (1, T, D), described once by a ``PackedSeqlens``, and each block attends
+        block-diagonally: one kernel call for the whole row on varlen / xformers / flex, one
+        per resolution on sdpa / math. Drop path acts per view, activation checkpointing per
+        block. Rows come out in the given view order, same layout as
+        ``torch.cat([self(v) for v in views])``.
         """
         if isinstance(views, torch.Tensor):
             views = [views]
@@ -167,6 +206,7 @@ class DinoViT(VisionTransformer):
             seqlens += [x.shape[1]] * x.shape[0]
         x = self.norm_pre(torch.cat(tokens, dim=1))  # (1, T, D)
         seqs = PackedSeqlens(seqlens)
+        self._prepare_packed(seqs, x)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, seqs, use_reentrant=False)
@@ -174,6 +214,19 @@ class DinoViT(VisionTransformer):
                 x = blk(x, attn_mask=seqs)
         # LayerNorm is per token: normalising only the CLS rows gives the same values.
         return self.norm(seqs.cls_tokens(x))
+
+    def _prepare_packed(self, seqs: PackedSeqlens, x: torch.Tensor) -> None:
+        """Build the kernel inputs of ``seqs`` (cu_seqlens, flex block mask, xformers bias) for
+        the backends the blocks will run, here, once, outside any compiled block: every block
+        then reads the cached tensors instead of tracing their construction."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        for backend in {blk.attn.resolve_backend(x.device, dtype, packed=True) for blk in self.blocks}:
+            if backend == "varlen":
+                seqs.cu_seqlens(x.device)
+            elif backend == "flex":
+                seqs.flex_block_mask(x.device)
+            elif backend == "xformers":
+                seqs.to_xformers(x.device)
 
     # --- official DINO evaluation API ---------------------------------------------------
     @torch.no_grad()
@@ -216,7 +269,8 @@ def build_backbone(arch: str = "vit_small", patch_size: int = 16, drop_path_rate
                    attn_backend: str = "auto", img_size: int = 224, **kw: Any) -> DinoViT:
     """A DINO ViT: ``arch`` in ``ARCHS`` (vit_tiny | vit_small | vit_base), patch 8 or 16.
 
-    ``kw`` goes to :class:`DinoViT` / timm (e.g. ``depth=2`` for small test models)."""
+    ``kw`` goes to :class:`DinoViT` / timm (e.g. ``depth=2`` for small test models,
+    ``masked_im_modeling=True`` for a mask token)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     if patch_size not in PATCH_SIZES:
