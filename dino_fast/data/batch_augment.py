@@ -1,9 +1,12 @@
 """Per-batch draws and the batched photometric ops of the DALI multi-crop loader.
 
-Where the time went before (``bench/bench_data.py --profile``): DALI on CPU pays a fixed cost
-per operator and per sample, not per pixel, and each view ran ~30 operators (coin flips, scalar
-arithmetic for the colour matrix, conditionals splitting and merging the batch, a luma
-reduction, blur, LUT, normalize). So the work is split by what each side does cheaply:
+Where the time went before: DALI on CPU pays a fixed cost per operator and per sample, not per
+pixel, and each view ran ~30 operators (coin flips, scalar arithmetic for the colour matrix,
+conditionals splitting and merging the batch, a luma reduction, blur, LUT, normalize). By
+ablation (64 images of 64 px, 2 x 32 + 6 x 16 px views, CPU time per batch): 57 ms in all, of
+which ~28 ms the per-view scalar graph of draws and matrix arithmetic, ~11 ms the colour op's
+pixel work, ~7 ms the blur, ~16 ms decode + crops + normalize; decode alone ~1 ms. So the work
+is split by what each side does cheaply (now ~20 ms per batch; ``bench/bench_data.py --profile``):
 
 - every random decision of every view of a batch is drawn here, in numpy, in one go
   (:func:`draw_batch`), from a generator seeded by (seed, epoch, batch, shard)
@@ -33,11 +36,10 @@ import torch
 from dino_fast.data import recipe
 from dino_fast.data.recipe import ViewRecipe
 
-__all__ = ["single_threaded", "BatchDraws", "batch_rng", "draw_batch", "random_resized_crops", "crop_windows", "color_matrices",
-           "view_params", "apply_photometric", "blur_matrices", "NUM_VIEW_PARAMS"]
+__all__ = ["BatchDraws", "batch_rng", "draw_batch", "random_resized_crops", "crop_windows", "color_matrices",
+           "view_params", "apply_photometric", "blur_matrices", "single_threaded", "NUM_VIEW_PARAMS"]
 
 _CROP_TRIES = 10  # RandomResizedCrop.get_params
-_BLUR_RADIUS = math.ceil(3 * recipe.BLUR_SIGMA[1])  # kernels are cut at 3 sigma
 # YIQ (NTSC): row 0 is luma; rows 1-2 (chroma) sum to 0, so gray (x = k 1) has no chroma.
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float64)
 # Per-view record fed to apply_photometric: 3x3 colour matrix (9), contrast offset factor, blur sigma, solarize.
@@ -168,8 +170,10 @@ def view_params(draws: BatchDraws) -> np.ndarray:
 def blur_matrices(sigma: torch.Tensor, n: int) -> torch.Tensor:
     """(N, n, n) Gaussian blur of a length-``n`` signal per sigma, as a matrix: weights exp(-t^2 / 2 sigma^2)
     for |t| <= ceil(3 sigma), normalised, borders mirrored without repeating the edge (reflect-101,
-    DALI's gaussian_blur border). sigma 0 gives the identity, exactly."""
-    t = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, device=sigma.device, dtype=torch.float32)  # (K,)
+    DALI's gaussian_blur border). sigma 0 gives the identity, exactly. Sigmas are at most the
+    recipe's maximum (the taps stop at 3 times it: known without looking at the device tensor)."""
+    radius = math.ceil(3 * recipe.BLUR_SIGMA[1])
+    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)  # (K,)
     sig = sigma.float()[:, None]
     w = torch.exp(-t.square() / (2 * sig.square().clamp_min(1e-12)))
     w = torch.where(t.abs() <= torch.ceil(3 * sig), w, 0.0)
@@ -204,7 +208,8 @@ def single_threaded(device: torch.device) -> Iterator[None]:
 
 
 def apply_photometric(x: torch.Tensor, params: torch.Tensor, *, blur_rows: torch.Tensor | None = None,
-                      solarize_rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+                      solarize_rows: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """The photometric ops of F views of B images: ``x`` uint8 (B, F, 3, H, W), ``params``
     (B, F, NUM_VIEW_PARAMS) on the same device -> F views (B, 3, H, W) in ``dtype``, normalized.
 
@@ -223,8 +228,9 @@ def apply_photometric(x: torch.Tensor, params: torch.Tensor, *, blur_rows: torch
     if solarize_rows is None:
         solarize_rows = torch.nonzero(p[:, 11] > 0.5)[:, 0]
     xf = x.reshape(n, 3, h * w).float()  # (N, 3, HW)
-    luma = torch.tensor(recipe.LUMA, device=x.device)
-    mu = xf.mean(2) @ luma  # (N,) mean luma of each view: torchvision's contrast centre
+    means = xf.mean(2)
+    # (N,) mean luma of each view, torchvision's contrast centre; Python-float weights: no host-to-device copy
+    mu = sum(means[:, c] * wc for c, wc in enumerate(recipe.LUMA))
     m = p[:, :9].view(n, 3, 3)
     # Elementwise multiply-adds (not a bmm): exact fp32 on every device, whatever TF32 setting is on.
     y = (p[:, 9] * mu)[:, None, None].expand(n, 3, h * w).clone()

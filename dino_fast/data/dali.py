@@ -51,6 +51,14 @@ function of (seed, epoch) and ``set_epoch`` can start anywhere.
 
 Files are checked up front (:mod:`dino_fast.data.dali_validate`: broken files and
 decompression bombs are skipped with a warning naming each, counted in :attr:`num_skipped`).
+
+GPU mode (not measurable on the CPU machines this was written on): decode is ``mixed``
+(nvJPEG, ``hw_decoder_load`` of the JPEGs on the hardware decoder of A100 / H100 / H200), the
+crops run as GPU resizes, the photometric ops as ~25 torch kernels per resolution on the
+default stream; the only host-to-device traffic per batch is two small pinned copies (the
+draws, and labels + which views blur / solarize), so nothing syncs. ROI decoding
+(``fn.decoders.image_slice`` / ``image_random_crop``) is not used: it decodes one window per
+call, and the 2 + N windows of an image cover most of it, so one full decode serves them all.
 """
 from __future__ import annotations
 
@@ -61,6 +69,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dino_fast.data import batch_augment as aug
 from dino_fast.data.dali_validate import bomb_problem, inspect_image_bytes, inspect_image_file, pixel_limit
@@ -251,7 +260,8 @@ class DALIMultiCropLoader:
                           f"(the first {_MAX_WARNINGS} named above; see .skipped)", CorruptImageWarning, stacklevel=3)
         if large:  # PIL's DecompressionBombWarning range: decoded, as the torchvision path does, but said
             warnings.warn(f"{len(large)} images over PIL.Image.MAX_IMAGE_PIXELS ({limit}) pixels, decoded "
-                          f"anyway (refused above twice that): {', '.join(large[:5])}", stacklevel=3)
+                          f"anyway (refused above twice that): {', '.join(large[:5])}", Image.DecompressionBombWarning,
+                          stacklevel=3)
         if not good:
             raise DataError(f"no decodable image in {self.root}: all {len(samples)} files failed the check")
         return good, np.array(sizes, np.int64).reshape(-1, 2)
@@ -358,19 +368,25 @@ class DALIMultiCropLoader:
             yield self._convert(out, meta)
         self._epoch, self._start_batch = self._epoch + 1, 0
 
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the views' device: pinned and copied without blocking on the GPU."""
+        t = torch.from_numpy(array)
+        return t.pin_memory().to(self._torch_device, non_blocking=True) if self.device == "gpu" else t
+
     def _convert(self, out: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple:
-        draws, dev = meta["draws"], self._torch_device
-        params = torch.from_numpy(meta["params"]).to(dev, non_blocking=True)  # (B, V, NUM_VIEW_PARAMS)
+        draws = meta["draws"]
+        groups = [(name, sl) for name, sl in (("globals", slice(0, 2)), ("locals", slice(2, None))) if name in out]
+        # Labels and, per resolution, the views (rows f * B + b) that draw blur / solarize, known here on the
+        # host: one copy to the device, and the photometric ops never sync to find out.
+        ints = [self._labels[meta["index"]]] + [np.flatnonzero(c[:, sl].T) for _, sl in groups
+                                                 for c in (draws.blur, draws.solarize)]
+        labels, *rows = torch.split(self._to_device(np.concatenate(ints).astype(np.int64)), [len(a) for a in ints])
+        params = self._to_device(meta["params"])  # (B, V, NUM_VIEW_PARAMS)
         views = []
-        with aug.single_threaded(dev):
-            for name, sl in (("globals", slice(0, 2)), ("locals", slice(2, None))):
-                if name not in out:
-                    continue
-                # Which views draw blur / solarize is known here on the host: no device sync to find out.
-                rows = [torch.from_numpy(np.flatnonzero(c[:, sl].T)).to(dev) for c in (draws.blur, draws.solarize)]
-                views += aug.apply_photometric(out[name], params[:, sl], blur_rows=rows[0], solarize_rows=rows[1],
-                                               dtype=self.dtype)
-        labels = torch.from_numpy(self._labels[meta["index"]]).to(dev, non_blocking=True)
+        with aug.single_threaded(self._torch_device):
+            for k, (name, sl) in enumerate(groups):
+                views += aug.apply_photometric(out[name], params[:, sl], blur_rows=rows[2 * k],
+                                               solarize_rows=rows[2 * k + 1], dtype=self.dtype)
         if not self.return_params:
             return views, labels
         params_out = {name: torch.from_numpy(np.ascontiguousarray(getattr(draws, name))) for name in PARAM_NAMES}
