@@ -11,8 +11,11 @@ if (_Path(__file__).parent.parent / "kernels" / "__init__.py").is_file():
     __path__.append(str(_Path(__file__).parent.parent))
 
 from dino_fast.config import ConfigError, TrainConfig, load_config
+from dino_fast.errors import DinoFastError
 from dino_fast.ema import TeacherEMA, update_teacher_
 from dino_fast.eval.knn import knn_classifier, knn_eval
+from dino_fast.ibot import iBOTPatchLoss
+from dino_fast.koleo import koleo_loss
 from dino_fast.loss import DINOLoss, dino_loss_reference
 from dino_fast.models import DINOHead, DinoViT, MultiCropWrapper, build_backbone, set_attn_backend
 from dino_fast.pretrained import load_pretrained
@@ -21,7 +24,7 @@ from dino_fast.train import Trainer, train_main
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DINOHead", "DINOLoss", "DinoViT", "MultiCropWrapper", "TeacherEMA", "TrainConfig", "Trainer",
-    "build_backbone", "dino_loss_reference", "knn_classifier", "knn_eval", "load_config", "load_pretrained",
-    "set_attn_backend", "train_main", "update_teacher_",
+    "ConfigError", "DINOHead", "DINOLoss", "DinoFastError", "DinoViT", "MultiCropWrapper", "TeacherEMA", "TrainConfig",
+    "Trainer", "build_backbone", "dino_loss_reference", "iBOTPatchLoss", "knn_classifier", "knn_eval", "koleo_loss",
+    "load_config", "load_pretrained", "set_attn_backend", "train_main", "update_teacher_",
 ]

@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from dino_fast.config import OFFICIAL_FLAGS, ConfigError, TrainConfig, load_config
+from dino_fast.config import OFFICIAL_FLAGS, PRESETS, ConfigError, TrainConfig, load_config
 
 __all__ = ["main"]
 
 log = logging.getLogger("dino_fast")
-PRESETS = Path(__file__).resolve().parent / "configs"
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -57,10 +56,7 @@ def _doc(name: str) -> str:
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
-    path = args.config
-    if path and not Path(path).exists() and (PRESETS / f"{path}.yaml").exists():
-        path = PRESETS / f"{path}.yaml"
-    cfg = load_config(path, overrides)
+    cfg = load_config(args.config, overrides)
     if cfg.dist_url != "env://":
         log.warning("--dist_url %s is ignored: torchrun's environment (MASTER_ADDR, MASTER_PORT) sets up the "
                     "process group; launch with `torchrun --nproc_per_node N -m dino_fast train ...`", cfg.dist_url)

@@ -15,7 +15,7 @@ from typing import Any
 
 from dino_fast.errors import ConfigError
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "CHOICES", "OFFICIAL_FLAGS"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "resolve_config_path", "PRESETS", "CHOICES", "OFFICIAL_FLAGS"]
 
 
 # Values each choice field accepts (one place: validation, -h and the docs read it).
@@ -138,7 +138,7 @@ class TrainConfig:
     local_crops_size: int = 96
     """Side of the local crops in pixels."""
     data_backend: str = "auto"
-    """Loader: auto (DALI when CUDA and DALI are present) | dali | torchvision."""
+    """Loader: auto (DALI where it is installed, on GPU or CPU) | dali | torchvision."""
     num_workers: int = 10
     """Loader worker processes (threads for DALI)."""
     # --- run -----------------------------------------------------------------
@@ -306,22 +306,41 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"config {name}={value!r} in {source}: expected {typ}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A TrainConfig from an optional YAML file, then ``overrides`` on top."""
-    data: dict[str, Any] = {}
-    if path:
-        import yaml
+PRESETS = Path(__file__).resolve().parent / "configs"
 
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}".splitlines()[0]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys to values")
-        TrainConfig.from_dict(loaded, source=str(p))  # key check with the file named
-        data.update(loaded)
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or the name of a preset in ``dino_fast/configs`` (``demo``, ``tiny_imagenet``...)."""
+    p = Path(path)
+    if not p.exists() and (PRESETS / f"{path}.yaml").exists():
+        return PRESETS / f"{path}.yaml"
+    return p
+
+
+def _read_yaml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The keys of a config file; ``base: <file or preset>`` in it loads that one first (its keys
+    are overridden by this file's)."""
+    import yaml
+
+    p = resolve_config_path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"config file {p} is its own base (base: chain {' -> '.join(map(str, seen))})")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys to values")
+    base = loaded.pop("base", None)
+    TrainConfig.from_dict(loaded, source=str(p))  # key check with the file named
+    data = _read_yaml(base, seen + (p.resolve(),)) if base else {}
+    return {**data, **loaded}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from an optional YAML file (or preset name), then ``overrides`` on top."""
+    data = _read_yaml(path) if path else {}
     data.update(overrides or {})
     return TrainConfig.from_dict(data, source=str(path) if path else "arguments")

@@ -84,7 +84,9 @@ def test_two_runs_on_one_folder(demo_root, tmp_path, capsys):
         before = (out / "metrics.csv").stat().st_size
         err = _one_error(_tiny_flags(demo_root, out, "--max_steps", "1"), capsys)
         assert "in use by another run" in err and f"pid {first.pid}" in err
-        assert not (out / "checkpoints").exists() and (out / "metrics.csv").stat().st_size >= before
+        # the second run (max_steps 1) would have saved step-00000001; the first saves at epoch ends (5 steps)
+        assert not (out / "checkpoints" / "step-00000001").exists()
+        assert (out / "metrics.csv").stat().st_size >= before
         assert first.poll() is None
     finally:
         first.kill()

@@ -53,3 +53,22 @@ def test_cli_bad_key_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(p)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown config key 'teacher_tmp'" in err[0] and "teacher_temp" in err[0]
+
+
+def test_base_presets_chain_and_override(tmp_path):
+    """A config file may start from another (``base:``, a file or a preset name); its keys win."""
+    c = load_config("tiny_imagenet_dinov2")
+    base = load_config("tiny_imagenet")
+    assert (c.arch, c.depth, c.teacher_temp) == (base.arch, base.depth, base.teacher_temp)
+    assert (c.centering, c.ibot_weight, base.centering) == ("sinkhorn_knopp", 1.0, "center")
+    p = tmp_path / "mine.yaml"
+    p.write_text("base: tiny_imagenet_dinov2\nlr: 0.002\n")
+    assert load_config(p, {"epochs": 3}).lr == 0.002 and load_config(p, {"epochs": 3}).ibot_weight == 1.0
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(ConfigError, match="its own base"):
+        load_config(loop)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: tiny_imagenet\nlrr: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'lrr' in .*bad.yaml"):
+        load_config(bad)

@@ -13,7 +13,7 @@ from dino_fast.checkpoint import consolidate, latest_checkpoint, read_checkpoint
 from dino_fast.cli import main
 from dino_fast.config import TrainConfig
 from dino_fast.train import NonFiniteLossError, Trainer
-from tests.helpers import start_train, wait_for
+from tests.helpers import requires_cuda, start_train, wait_for
 
 
 def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
@@ -21,7 +21,8 @@ def tiny_cfg(data: Path, out: Path, **kw) -> TrainConfig:
                 head_bottleneck_dim=32, global_crops_size=32, local_crops_size=16, local_crops_number=2,
                 batch_size_per_gpu=8, epochs=2, warmup_epochs=1, warmup_teacher_temp_epochs=1, num_workers=0,
                 log_every=1, checkpoint_every=2, progress=False, loss_impl="torch", ema_impl="foreach",
-                precision="fp32", attn_backend="sdpa", data_path=str(data / "train"), output_dir=str(out), lr=1e-3)
+                precision="fp32", attn_backend="sdpa", data_path=str(data / "train"), output_dir=str(out), lr=1e-3,
+                data_backend="torchvision")
     base.update(kw)
     return TrainConfig.from_dict(base)
 
@@ -399,3 +400,19 @@ def test_dinov2_options_train_and_resume_exactly(demo_root, tmp_path, changes):
     if "ibot_weight" in changes:
         assert torch.equal(straight.objective.ibot.center, resumed.objective.ibot.center)
         assert not torch.equal(straight.student.backbone.mask_token, torch.zeros_like(straight.student.backbone.mask_token))
+
+
+@requires_cuda
+def test_fast_step_has_no_host_sync(demo_root, tmp_path):
+    """The fast path's step (bf16, fused loss and EMA, packed crops, fused AdamW) never waits for
+    the GPU: torch raises on any synchronizing call inside it."""
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path, precision="bf16", loss_impl="triton", ema_impl="triton",
+                               attn_backend="auto", packed_multicrop=True, clip_grad=3.0, max_steps=3))
+    views = next(iter(trainer.data.epoch(0)))
+    trainer.train_step(views)  # first step: allocations, autotuning, lazy inits may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step(views)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

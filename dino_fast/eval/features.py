@@ -18,15 +18,13 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from dino_fast.data.recipe import IMAGENET_MEAN, IMAGENET_STD  # the one definition
 from dino_fast.errors import ConfigError, DataError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "backbone_features", "extract_features",
            "feature_cache_key", "weights_digest", "match_classes", "resolve_n_last_blocks", "resolve_device"]
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _CACHE_VERSION = 1
 
