@@ -91,7 +91,7 @@ def test_two_runs_on_one_folder(demo_root, tmp_path, capsys):
     finally:
         first.kill()
         first.wait()
-    assert main(_tiny_flags(demo_root, out, "--max_steps", "1", "--resume", "auto")) == 0  # a killed holder's lock is gone
+    assert main(_tiny_flags(demo_root, out, "--max_steps", "1")) == 0  # a killed holder's lock is gone
 
 
 def test_orphans_of_a_killed_save_are_removed(demo_root, tmp_path):
