@@ -1,6 +1,9 @@
-"""Shared test helpers: dtype tolerances, a comparison that reports the worst
-difference, output poisoning, and the CUDA skip mark."""
+"""Shared test helpers: dtype tolerances, a comparison that reports the worst difference, output
+poisoning, the CUDA skip mark, the old single-file checkpoint writer, a `dino-fast train`
+subprocess, and image-file writers."""
 from __future__ import annotations
+
+import subprocess
 
 import pytest
 import torch
@@ -66,10 +69,9 @@ def legacy_checkpoint(trainer) -> dict:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
 
 
-def start_train(cfg, log_file) -> "subprocess.Popen":
+def start_train(cfg, log_file) -> subprocess.Popen:
     """``python -m dino_fast train`` on ``cfg`` (a TrainConfig) in a subprocess, output into ``log_file``."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -93,3 +95,34 @@ def wait_for(path, proc, log_file, timeout_s: float = 180.0) -> None:
         time.sleep(0.01)
     assert proc.poll() is None, f"training exited early: {Path(log_file).read_text()[-2000:]}"
     assert Path(path).exists(), f"{path} did not appear within {timeout_s} s"
+
+
+# ----------------------------------------------------------------------------- image files
+def write_image(path, w: int, h: int, seed: int = 0) -> None:
+    """A random RGB image of ``w`` x ``h`` pixels at ``path`` (format from the suffix)."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def write_image_folder(root, classes: int = 2, per_class: int = 3, seed: int = 0, size=(40, 34),
+                       names=None, solid: bool = False) -> None:
+    """``root/<class>/img<i>.png``: classes ``class0..`` or ``names``; random pixels, or with
+    ``solid`` one flat color per class NAME (same name, same images in every folder)."""
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(names if names is not None else [f"class{c}" for c in range(classes)]):
+        (root / name).mkdir(parents=True)
+        color = np.random.default_rng(zlib.crc32(name.encode())).integers(0, 256, 3, dtype=np.uint8)
+        for i in range(per_class):
+            if solid:
+                arr = np.broadcast_to(color, (size[1], size[0], 3)).copy()
+            else:
+                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / name / f"img{i}.png")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dino_fast.errors import ConfigError, DataError
 from dino_fast.eval.knn import build_parser, knn_classifier, knn_datasets, knn_eval, main
-from tests.test_linear import write_image_folder
+from tests.helpers import write_image_folder
 
 
 def _knn_loop(train, train_labels, test, k, T, num_classes):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from dino_fast.errors import ConfigError, DataError
 from dino_fast.eval.features import backbone_features, eval_transform, extract_features
 from dino_fast.eval.linear import (LinearClassifier, accuracy, load_linear_classifier, main, run_linear_probe)
 from dino_fast.models import build_backbone
-from tests.helpers import assert_close
+from tests.helpers import assert_close, write_image_folder
 
 
 def separable(seed: int, n_per_class: int, classes: int, dim: int):
@@ -24,22 +23,6 @@ def separable(seed: int, n_per_class: int, classes: int, dim: int):
     feats = means[labels] + 0.3 * torch.randn(len(labels), dim, generator=g)
     perm = torch.randperm(len(labels), generator=g)
     return feats[perm], labels[perm]
-
-
-def write_image_folder(root, classes: int = 2, per_class: int = 3, seed: int = 0, size=(40, 34),
-                       names=None, solid: bool = False) -> None:
-    """``root/<class>/img<i>.png``: classes ``class0..`` or ``names``; random pixels, or with
-    ``solid`` one flat color per class NAME (same name, same images in every folder)."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(names if names is not None else [f"class{c}" for c in range(classes)]):
-        (root / name).mkdir(parents=True)
-        color = np.random.default_rng(zlib.crc32(name.encode())).integers(0, 256, 3, dtype=np.uint8)
-        for i in range(per_class):
-            if solid:
-                arr = np.broadcast_to(color, (size[1], size[0], 3)).copy()
-            else:
-                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(arr).save(root / name / f"img{i}.png")
 
 
 # ----------------------------------------------------------------------------- probe

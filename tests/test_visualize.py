@@ -9,7 +9,7 @@ from PIL import Image
 from dino_fast.errors import ConfigError, DataError
 from dino_fast.eval.visualize import attention_mass_mask, cls_attention, colorize, main, visualize_attention
 from dino_fast.models import build_backbone
-from tests.helpers import assert_close
+from tests.helpers import assert_close, write_image
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +83,8 @@ def test_colorize_range():
     assert len({tuple(px) for px in flat.reshape(-1, 3).tolist()}) == 1
 
 
-def _write_image(path, w: int, h: int, seed: int = 0) -> None:
-    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    Image.fromarray(arr).save(path)
-
-
 def test_visualize_attention_files(tmp_path, vit):
-    _write_image(tmp_path / "in.jpg", 90, 70)
+    write_image(tmp_path / "in.jpg", 90, 70)
     out = tmp_path / "maps"
     paths = visualize_attention(vit, tmp_path / "in.jpg", out, image_size=(72, 56), threshold=0.6)
     heads = 3
@@ -133,7 +128,7 @@ def test_visualize_errors(tmp_path, vit):
     assert "\n" not in str(e.value)
     with pytest.raises(DataError, match=f"image path is not a file: {tmp_path}"):
         visualize_attention(vit, tmp_path, out)
-    _write_image(tmp_path / "ok.png", 40, 40)
+    write_image(tmp_path / "ok.png", 40, 40)
     with pytest.raises(ConfigError, match="threshold"):
         visualize_attention(vit, tmp_path / "ok.png", out, threshold=0.0)
     with pytest.raises(ConfigError, match="smaller than one patch"):
@@ -172,7 +167,7 @@ def test_main_cli(tmp_path, vit):
     from dino_fast.pretrained import save_official_backbone
 
     weights = save_official_backbone(vit, tmp_path / "w.pth")
-    _write_image(tmp_path / "in.png", 50, 50)
+    write_image(tmp_path / "in.png", 50, 50)
     rc = main(["--pretrained_weights", str(weights), "--image_path", str(tmp_path / "in.png"), "--image_size", "48",
                "--output_dir", str(tmp_path / "o"), "--threshold", "0.5", "--device", "cpu"])
     assert rc == 0
