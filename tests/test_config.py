@@ -57,13 +57,15 @@ def test_cli_bad_key_one_line(tmp_path, capsys):
 
 def test_base_presets_chain_and_override(tmp_path):
     """A config file may start from another (``base:``, a file or a preset name); its keys win."""
-    c = load_config("tiny_imagenet_dinov2")
+    c = load_config("tiny_imagenet_sk")
     base = load_config("tiny_imagenet")
     assert (c.arch, c.depth, c.teacher_temp) == (base.arch, base.depth, base.teacher_temp)
-    assert (c.centering, c.ibot_weight, base.centering) == ("sinkhorn_knopp", 1.0, "center")
+    assert (c.centering, c.momentum_teacher, c.lr) == ("sinkhorn_knopp", 0.99, 0.002)
+    assert (base.centering, base.momentum_teacher, base.lr) == ("center", 0.996, 0.001)
     p = tmp_path / "mine.yaml"
-    p.write_text("base: tiny_imagenet_dinov2\nlr: 0.002\n")
-    assert load_config(p, {"epochs": 3}).lr == 0.002 and load_config(p, {"epochs": 3}).ibot_weight == 1.0
+    p.write_text("base: tiny_imagenet_sk\nlr: 0.003\nkoleo_weight: 0.1\n")
+    mine = load_config(p, {"epochs": 3})
+    assert (mine.lr, mine.koleo_weight, mine.momentum_teacher, mine.epochs) == (0.003, 0.1, 0.99, 3)
     loop = tmp_path / "loop.yaml"
     loop.write_text(f"base: {loop}\n")
     with pytest.raises(ConfigError, match="its own base"):
