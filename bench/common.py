@@ -79,7 +79,7 @@ def git_sha() -> str | None:
 
 
 def command_line() -> str:
-    """This process's command as typed: ``python3 -m bench.bench_loss ...`` for a module run."""
+    """This process's command as typed: ``python3 -m bench.bench_dino_loss ...`` for a module run."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     head = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *head, *sys.argv[1:]])

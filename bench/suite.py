@@ -3,7 +3,7 @@ capped in time, the most valuable first, into ONE results folder with a ``summar
 
     python3 -m bench.suite --out /tmp/results          # GPU: ~9 minutes on one H200 (--budget-s 540)
     python3 -m bench.suite --smoke --out /tmp/r        # each bench's tiny CPU mode (what CI tests)
-    python3 -m bench.suite --only bench_loss train --out /tmp/r
+    python3 -m bench.suite --only bench_dino_loss train --out /tmp/r
     python3 -m bench.suite --list                      # the steps, their budgets and commands
 
 Without CUDA the suite runs the smoke mode. It needs no install: from a plain copy of the checkout
@@ -54,7 +54,7 @@ CUDA_TEST_FILES = ["tests/test_dino_loss.py", "tests/test_ema.py", "tests/test_a
 SMOKE_TEST_FILES = ["tests/test_schedules.py"]  # the plumbing only: a CPU run of the above takes many minutes
 # Key columns per result name in summary.md (a result not listed shows all its columns).
 KEY_COLUMNS = {
-    "bench_loss": ["B", "V", "K", "dtype", "impl", "ms", "GB/s", "% floor", "peak extra GB", "vs eager",
+    "bench_dino_loss": ["B", "V", "K", "dtype", "impl", "ms", "GB/s", "% floor", "peak extra GB", "vs eager",
                    "vs compile"],
     "bench_ema": ["model", "student", "method", "ms", "GB/s", "% of peak", "x vs loop", "kernels/update (profiler)"],
     "model": ["model", "variant", "batch", "ms", "img_s", "x_sdpa", "tflops", "mfu", "peak_gib", "reason"],
@@ -108,8 +108,8 @@ def plan_steps(smoke: bool, out: Path, jpeg_dir: Path, peaks: list[float] | None
              b(60, 40),
              ["-m", "pytest", "-p", "bench.common", "-p", "no:cacheprovider", "-q", "-rfE",
               f"--junitxml={logs / 'tests.xml'}", *tests], results=False),
-        Step("bench_loss", "fused DINO loss vs eager vs torch.compile, forward+backward", b(60, 30),
-             ["-m", "bench.bench_loss", *([] if smoke else ["--dtypes", "bf16"]), *gbps]),
+        Step("bench_dino_loss", "fused DINO loss vs eager vs torch.compile, forward+backward", b(60, 30),
+             ["-m", "bench.bench_dino_loss", *([] if smoke else ["--dtypes", "bf16"]), *gbps]),
         Step("bench_ema", "teacher EMA: one Triton launch vs foreach vs per-parameter loop", b(30, 25),
              ["-m", "bench.bench_ema"]),
         Step("model", "student forward+backward per attention backend, per-resolution vs packed", b(65, 30),

@@ -16,7 +16,7 @@ from dino_fast.ema import TeacherEMA, update_teacher_
 from dino_fast.eval.knn import knn_classifier, knn_eval
 from dino_fast.ibot import iBOTPatchLoss
 from dino_fast.koleo import koleo_loss
-from dino_fast.loss import DINOLoss, dino_loss_reference
+from dino_fast.dino_loss import DINOLoss, dino_loss_reference
 from dino_fast.models import DINOHead, DinoViT, MultiCropWrapper, build_backbone, set_attn_backend
 from dino_fast.pretrained import load_pretrained
 from dino_fast.train import Trainer, train_main

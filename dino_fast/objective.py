@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino_fast.loss import DINOLoss
+from dino_fast.dino_loss import DINOLoss
 from dino_fast.plan import RunPlan, StepValues
 
 __all__ = ["Objective"]

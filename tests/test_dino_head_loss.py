@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_fast.loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference, sinkhorn_knopp_teacher
+from dino_fast.dino_loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference, sinkhorn_knopp_teacher
 from dino_fast.models.head import DINOHead, WeightNormLinear
 from dino_fast.optim import cancel_last_layer_gradients_
 from tests.helpers import POISON, TOL, assert_close, requires_cuda

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dino_fast.loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference, sinkhorn_knopp_teacher
+from dino_fast.dino_loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference, sinkhorn_knopp_teacher
 from tests.helpers import POISON, TOL, assert_close, requires_cuda
 
 dl = pytest.importorskip("dino_fast.kernels.dino_loss")

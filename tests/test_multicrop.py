@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from dino_fast.ema import TeacherEMA
 from dino_fast.ibot import PatchMasks, iBOTPatchLoss, mask_rng, sample_masks
-from dino_fast.loss import DINOLoss
+from dino_fast.dino_loss import DINOLoss
 from dino_fast.models import DINOHead, MultiCropWrapper, build_backbone
 from tests.helpers import assert_close
 

@@ -567,7 +567,7 @@ def _our_pair(arch: str, out_dim: int = 32, use_bn: bool = False):
 @pytest.mark.parametrize("arch,use_bn,fp16", [("vit_tiny", False, False), ("vit_tiny", True, True),
                                               ("resnet18", False, True)])
 def test_official_checkpoint_writer(tmp_path, arch, use_bn, fp16):
-    from dino_fast.loss import DINOLoss
+    from dino_fast.dino_loss import DINOLoss
     from dino_fast.official import save_official_checkpoint
     from dino_fast.optim import build_optimizer
 

@@ -7,7 +7,7 @@ share no code with dino_fast.
 import numpy as np
 import pytest
 
-from dino_fast.loss import DINOLoss
+from dino_fast.dino_loss import DINOLoss
 from dino_fast.config import TrainConfig
 from dino_fast.plan import RunPlan
 from dino_fast.schedules import cosine_schedule_steps, cosine_scheduler

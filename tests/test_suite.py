@@ -103,17 +103,17 @@ def test_budget_spent_skips_the_rest(tmp_path):
 def test_plan_names_and_gpu_flags(tmp_path):
     gpu = plan_steps(False, tmp_path, tmp_path / "j", [4800.0, 989.0], 12, None)
     names = [s.name for s in gpu]
-    assert names == ["env", "tests", "bench_loss", "bench_ema", "model", "jpegs", "bench_data", "train",
+    assert names == ["env", "tests", "bench_dino_loss", "bench_ema", "model", "jpegs", "bench_data", "train",
                      "train-compile", "train-loader"]
     assert sum(s.budget_s for s in gpu) == pytest.approx(540)
     argv = {s.name: s.argv for s in gpu}
-    assert argv["bench_loss"][-2:] == ["--peak-gbps", "4800"]
+    assert argv["bench_dino_loss"][-2:] == ["--peak-gbps", "4800"]
     assert argv["train"][-2:] == ["--peak-tflops", "989"]
     assert "dali-gpu" in argv["bench_data"] and "fast+compile" in argv["train-compile"]
     assert {s.name: s.rename for s in gpu if s.rename} == {"train-compile": {"train": "train-compile"},
                                                            "train-loader": {"train": "train-loader"}}
     smoke = {s.name: s for s in plan_steps(True, tmp_path, tmp_path / "j", None, 2, None)}
-    assert smoke["train-compile"].skip and "--peak-gbps" not in smoke["bench_loss"].argv
+    assert smoke["train-compile"].skip and "--peak-gbps" not in smoke["bench_dino_loss"].argv
 
 
 def _run_smoke(tmp_path: Path, budget_s: float, timeout_s: float) -> tuple[int, str, Path]:
@@ -145,6 +145,6 @@ def test_smoke_suite_every_step_succeeds(tmp_path):
     table = _steps_table(summary)
     assert rc == 0, summary
     assert {k for k, v in table.items() if v != "ok"} == {"train-compile"}, table
-    for stem in ("bench_loss", "bench_ema", "model", "model_attention", "bench_data", "train", "train-loader"):
+    for stem in ("bench_dino_loss", "bench_ema", "model", "model_attention", "bench_data", "train", "train-loader"):
         assert list(out.glob(f"{stem}-cpu-*.json")), f"no {stem} result"
         assert f"### {stem}-cpu-" in summary

@@ -13,8 +13,8 @@ datasheet HBM bandwidth (bench.common.device_peaks: H200 4800, H100 SXM 3350, A1
 ``--peak-gbps`` overrides; none on CPU). The head rows are matmul-bound: they report time, peak
 memory and speed-ups, no bytes floor.
 
-    python bench/bench_loss.py                      # CUDA: the default sizes below; CPU: a tiny interpreter run
-    python bench/bench_loss.py --sizes '256,12,65536' --dtypes bf16 --out /tmp/res
+    python bench/bench_dino_loss.py                      # CUDA: the default sizes below; CPU: a tiny interpreter run
+    python bench/bench_dino_loss.py --sizes '256,12,65536' --dtypes bf16 --out /tmp/res
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def make_case(batch: int, ncrops: int, k: int, dtype: torch.dtype, device: torch
 def step_fns(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int,
              with_compile: bool) -> dict[str, Callable[[], None]]:
     """One forward + backward per call for each implementation (the gradient is reset, not accumulated)."""
-    from dino_fast.loss import dino_loss_reference
+    from dino_fast.dino_loss import dino_loss_reference
     from dino_fast.ops import fused_dino_loss
 
     def fused() -> None:
@@ -70,7 +70,7 @@ def head_step_fns(batch: int, ncrops: int, k: int, dtype: torch.dtype, device: t
                   seed: int = 0) -> dict[str, Callable[[], None]]:
     """Bottleneck features -> last layer -> loss, forward + backward, three ways (autocast in ``dtype``
     as the trainer runs it; fp32 without autocast)."""
-    from dino_fast.loss import dino_loss_reference
+    from dino_fast.dino_loss import dino_loss_reference
     from dino_fast.models.head import WeightNormLinear
     from dino_fast.ops import fused_dino_head_loss, fused_dino_loss
 
@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> None:
              "(>1: faster)")
     if not cuda:
         notes += "; CPU run through the Triton interpreter: NOT GPU figures, tiny sizes, no torch.compile"
-    write_results("bench_loss", rows, ["B", "V", "K", "dtype", "impl", "ms", "GB/s", "% floor", "peak extra GB",
+    write_results("bench_dino_loss", rows, ["B", "V", "K", "dtype", "impl", "ms", "GB/s", "% floor", "peak extra GB",
                                        "vs eager", "vs compile", "vs head+fused"], notes, out_dir=args.out)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/bench_loss.py` finds bench.common
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/bench_dino_loss.py` finds bench.common
     main()

@@ -1,14 +1,14 @@
-"""pytest-benchmark twin of bench/bench_loss.py: fused vs eager DINO loss, and the head's last
+"""pytest-benchmark twin of bench/bench_dino_loss.py: fused vs eager DINO loss, and the head's last
 layer fused into the loss vs last layer + loss, forward + backward.
 
-CUDA only (skips elsewhere): ``python -m pytest bench/test_bench_loss.py --benchmark-only``.
+CUDA only (skips elsewhere): ``python -m pytest bench/test_bench_dino_loss.py --benchmark-only``.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench.bench_loss import head_step_fns, make_case, step_fns
+from bench.bench_dino_loss import head_step_fns, make_case, step_fns
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmark needs a CUDA GPU")
 
