@@ -7,6 +7,10 @@ forward -> (B, 2048)). Unlike the official entries nothing is ever downloaded: t
 ``weights=<path>`` (the released ``dino_deitsmall16_pretrain.pth`` ..., an official training
 checkpoint, a timm or dino_fast file: any layout ``dino_fast.load_pretrained`` reads; keys are
 checked strictly). ``kwargs`` go to the builder (e.g. ``drop_path_rate``, ``attn_backend``).
+
+All 9 official names are here. The four XCiT entries (``dino_xcit_*``) build through
+``dino_fast.models.build_backbone`` once it knows the XCiT names (timm's implementation); until
+then they raise one line saying so.
 """
 from __future__ import annotations
 
@@ -77,3 +81,38 @@ def dino_resnet50(pretrained: bool = False, weights: str | os.PathLike | None = 
 
     model = build_resnet("resnet50", **kwargs)
     return _finish(model, pretrained, weights, "dino_resnet50_pretrain/dino_resnet50_pretrain.pth", key)
+
+
+def _xcit(name: str, released: str, pretrained: bool, weights: str | os.PathLike | None, key: str,
+          kwargs: dict[str, _t.Any]) -> nn.Module:
+    from dino_fast.models import build_backbone, canonical_arch
+
+    try:
+        canonical_arch(name)
+    except ValueError:
+        raise NotImplementedError(f"dino_{name}: dino_fast.models cannot build XCiT backbones yet (timm's XCiT is "
+                                  f"not wired into dino_fast.models.build_backbone); the official entry "
+                                  f"torch.hub.load('facebookresearch/dino:main', 'dino_{name}') builds it") from None
+    if kwargs.pop("num_classes", 0) != 0:  # the official entries pass num_classes=0: a backbone only
+        raise ValueError("the DINO hub models are backbones: num_classes must be 0")
+    patch = 8 if name.endswith("_p8") else 16
+    return _finish(build_backbone(name, patch, **kwargs), pretrained, weights, released, key)
+
+
+def _xcit_entry(name: str, title: str) -> _t.Callable[..., nn.Module]:
+    """The hub entry ``dino_<name>`` (one per official XCiT name; same signature as the others)."""
+    released = f"dino_{name}_pretrain/dino_{name}_pretrain.pth"
+
+    def entry(pretrained: bool = False, weights: str | os.PathLike | None = None, key: str = "teacher",
+              **kwargs: _t.Any) -> nn.Module:
+        return _xcit(name, released, pretrained, weights, key, kwargs)
+
+    entry.__name__ = entry.__qualname__ = f"dino_{name}"
+    entry.__doc__ = f"{title} (official ``dino_{name}``); local ``weights`` only (``dino_{name}_pretrain.pth``)."
+    return entry
+
+
+dino_xcit_small_12_p16 = _xcit_entry("xcit_small_12_p16", "XCiT-Small-12/16")
+dino_xcit_small_12_p8 = _xcit_entry("xcit_small_12_p8", "XCiT-Small-12/8")
+dino_xcit_medium_24_p16 = _xcit_entry("xcit_medium_24_p16", "XCiT-Medium-24/16")
+dino_xcit_medium_24_p8 = _xcit_entry("xcit_medium_24_p8", "XCiT-Medium-24/8")

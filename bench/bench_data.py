@@ -15,53 +15,34 @@ draws), DALI's decoder, DALI's crops, the torch photometric ops, the whole loade
 Without --data, ImageNet-like JPEGs (500x375 and 375x500, smooth random content plus
 texture, quality 90) are generated once into a cache folder.
 
+``dali-cpu-inline`` / ``dali-gpu-inline``: the DALI loader without its feeder thread (everything in
+the thread that calls ``next()``, ``prefetch_batches=0``), against the default threaded loader.
+``--shards``: every mode also on the same images packed as tar shards (``dino-fast pack``, once,
+into /tmp), rows ``<mode>@shards``. ``--index-files N``: only the folder listing: the scan of a
+generated folder of N tiny files in /tmp against the cached start (the file index).
+
     python -m bench.bench_data                                  # GPU: dali-gpu, dali-cpu, torchvision
     python -m bench.bench_data --data /imagenet/train --workers 12 --modes torchvision dali-gpu
     python -m bench.bench_data --data ../shared/data/tiny-imagenet-10/train --global-size 32 \\
         --local-size 16 --local-crops 6 --workers 2 --repeats 3 --profile   # CPU: NOT GPU figures
+    python -m bench.bench_data --modes torchvision dali-cpu dali-cpu-inline --shards   # folder vs shards
+    python -m bench.bench_data --index-files 100000                 # scan vs cached start
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import write_results  # noqa: E402
-
-_GENERATOR_VERSION = 1
-
-
-def make_bench_jpegs(n_images: int, root: Path | None = None, classes: int = 10, seed: int = 0) -> Path:
-    """``n_images`` JPEGs at ImageNet-like sizes in ``root/<class>/``, generated once (a marker is written last)."""
-    from PIL import Image
-
-    from dino_fast.data.demo import demo_cache_dir
-
-    root = root or demo_cache_dir() / f"bench-jpegs-v{_GENERATOR_VERSION}-{n_images}-{seed}"
-    marker = root / ".complete"
-    if marker.is_file():
-        return root
-    for k in range(n_images):
-        rng = np.random.default_rng([seed, k])
-        w, h = (500, 375) if k % 4 else (375, 500)
-        # Smooth colour field (bilinear upsampling of a coarse grid) plus fine texture: compresses like a photo.
-        coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), np.float32)
-        img += rng.normal(0, 12, (h, w, 1)).astype(np.float32)
-        folder = root / f"class_{k % classes:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img_{k:06d}.jpg", quality=90)
-    marker.write_text(json.dumps({"n_images": n_images, "seed": seed}))
-    return root
+from bench.common import Results, write_results  # noqa: E402
+from bench.jpegs import make_bench_jpegs  # noqa: E402
 
 
 def train_config(args: argparse.Namespace, root: Path, backend: str) -> Any:
@@ -100,11 +81,16 @@ def time_batches(batches: Iterator, n_warmup: int, n_timed: int, sync: Callable[
 def build(args: argparse.Namespace, root: Path, mode: str, device: torch.device, dtype: torch.dtype) -> Any:
     from dino_fast.data.build import build_train_data
 
+    mode, _, source = mode.partition("@")  # "<mode>@shards": the same images from tar shards
+    root = args.shards_root if source == "shards" else root
     backend = "torchvision" if mode == "torchvision" else "dali"
-    dev = torch.device("cpu") if mode == "dali-cpu" else device  # dali-cpu: DALI's CPU operators, views on the CPU
+    # dali-cpu: DALI's CPU operators, views on the CPU
+    dev = torch.device("cpu") if mode.startswith("dali-cpu") else device
     data = build_train_data(train_config(args, root, backend), dev, dtype=dtype)
     if backend == "dali" and args.hw_decoder_load is not None:
         data.loader.hw_decoder_load = args.hw_decoder_load  # read when the pipeline is built (first epoch)
+    if mode.endswith("-inline"):
+        data.loader.prefetch_batches = 0  # no feeder thread: reads, draws, DALI and the photometric ops inline
     return data
 
 
@@ -167,6 +153,83 @@ def profile_dali(args: argparse.Namespace, root: Path, dtype: torch.dtype, n: in
              "img_per_cpu_s": loader.batch_size / ms * 1e3} for name, ms in stages]
 
 
+def with_step(batches: Iterator, step_ms: float) -> Iterator:
+    """``batches`` with ``step_ms`` of host idle time after each (a GPU step the host waits on)."""
+    for batch in batches:
+        yield batch
+        if step_ms:
+            time.sleep(step_ms / 1e3)
+
+
+def bench_shards(root: Path) -> Path:
+    """``root`` packed as tar shards (``dino-fast pack``, 64 MB shards), once, under /tmp."""
+    import hashlib
+    import tempfile
+
+    from dino_fast.data.pack import pack
+    from dino_fast.data.shards import INDEX_NAME
+
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
+    out = Path(tempfile.gettempdir()) / f"dino_fast_bench_shards-{digest}"
+    if not (out / INDEX_NAME).is_file():
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)  # an interrupted pack
+        pack(root, out, shard_size="64MB")
+    return out
+
+
+def time_index(n_files: int, repeats: int, out_dir: str | None) -> None:
+    """The folder listing of ``n_files`` empty ``.jpg`` files (1,000 per class, in /tmp): a full scan against
+    the cached start (index read, every directory's mtime checked). Warm page cache: the floor of a scan;
+    on network storage the scan costs more and the cached start about the same."""
+    import os
+    import tempfile
+
+    from dino_fast.data.folder import ImageFolderDataset
+    from dino_fast.data.listing import index_path, list_folder
+
+    root = Path(tempfile.gettempdir()) / f"dino_fast_bench_index-{n_files}"
+    classes = max(1, n_files // 1000)
+    if not (root / ".complete").is_file():
+        for k in range(n_files):
+            folder = root / f"n{k % classes:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"img_{k:08d}.jpg").touch()
+        (root / ".complete").touch()
+    old = time.time_ns() - 60 * 10**9  # folders changed in the last 2 s are not trusted by the index
+    for d, _, _ in os.walk(root):
+        os.utime(d, ns=(old, old))
+
+    def best(fn: Callable[[], Any]) -> list[float]:
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    index_path(root).unlink(missing_ok=True)
+    # What a start builds: the dataset (classes, samples, labels) the loaders read.
+    scan = best(lambda: ImageFolderDataset(root, use_index=False))
+    first = best(lambda: (index_path(root).unlink(missing_ok=True), ImageFolderDataset(root)))
+    cached = best(lambda: ImageFolderDataset(root))
+    assert list_folder(root).from_index, "the index was not reused"
+    base = statistics.median(scan)
+    rows = [{"start": name, "files": n_files, "classes": classes, "seconds": statistics.median(t),
+             "seconds_min": min(t), "files_per_s": n_files / statistics.median(t),
+             "speedup_vs_scan": base / statistics.median(t)}
+            for name, t in (("scan (no index)", scan), ("first start: scan + write index", first),
+                            ("cached start: read index, check folder mtimes", cached))]
+    write_results("bench_data_index", rows, ["start", "files", "classes", "seconds", "seconds_min", "files_per_s",
+                                             "speedup_vs_scan"],
+                  notes=f"{root}: {n_files} empty .jpg files in {classes} class folders; median of {repeats} "
+                        "(min beside); warm page cache; index file size "
+                        f"{index_path(root).stat().st_size} bytes. CPU machine: NOT a GPU figure (none is involved)",
+                  out_dir=out_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,8 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=30 if cuda else 3, help="timed batches per loader and turn")
     p.add_argument("--warmup", type=int, default=5 if cuda else 1, help="untimed batches first")
     p.add_argument("--repeats", type=int, default=1, help="turns over all modes")
-    p.add_argument("--modes", nargs="+", default=None, choices=["torchvision", "dali-gpu", "dali-cpu"],
-                   help="default: all that apply (dali-gpu needs CUDA)")
+    p.add_argument("--modes", nargs="+", default=None,
+                   choices=["torchvision", "dali-gpu", "dali-cpu", "dali-gpu-inline", "dali-cpu-inline"],
+                   help="default: all that apply (dali-gpu needs CUDA); -inline: the DALI loader without its feeder "
+                        "thread")
+    p.add_argument("--shards", action="store_true",
+                   help="also time every mode on the images packed as tar shards (rows <mode>@shards)")
+    p.add_argument("--step-ms", type=float, default=0.0,
+                   help="the consumer sleeps this long per batch, a stand-in for a GPU step that leaves the host idle: "
+                        "the threaded loader hides its work under it, the inline one adds to it")
+    p.add_argument("--index-files", type=int, default=None,
+                   help="time only the folder listing: scan vs cached index on N generated tiny files in /tmp")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="training precision: DALI's views come in its dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--hw-decoder-load", type=float, default=None,
@@ -193,51 +265,68 @@ def main(argv: list[str] | None = None) -> None:
     from dino_fast.data.dali import dali_available
     from dino_fast.precision import compute_dtype
 
+    if args.index_files is not None:
+        return time_index(args.index_files, args.repeats, args.out)
     root = Path(args.data) if args.data else make_bench_jpegs(args.n_images)
     modes = args.modes or (["torchvision", "dali-gpu", "dali-cpu"] if cuda else ["torchvision", "dali-cpu"])
     if not dali_available():
         print("nvidia.dali is not importable: timing torchvision only")
         modes = [m for m in modes if m == "torchvision"]
-    if "dali-gpu" in modes and not cuda:
+    if any(m.startswith("dali-gpu") for m in modes) and not cuda:
         raise SystemExit("dali-gpu needs CUDA")
+    if args.shards:
+        args.shards_root = bench_shards(root)
+        modes = modes + [f"{m}@shards" for m in modes]
     device = torch.device("cuda" if cuda else "cpu")
     dtype = compute_dtype(args.precision, device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     n_views = 2 + args.local_crops
-
-    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
-    info: dict[str, tuple[int, str]] = {}
-    for _ in range(args.repeats):
-        for mode in modes:
-            data = build(args, root, mode, device, dtype)
-            n_images = len(data.dataset) if mode == "torchvision" else len(data.loader.samples)
-            info[mode] = (n_images, str(data.view_dtype).replace("torch.", ""))
-            runs[mode].append(time_batches(endless(data), args.warmup, args.batches, sync))
-            del data
-    imgs = args.batches * args.batch_size
-    rows = []
-    for mode in modes:
-        rates = [imgs / wall for wall, _ in runs[mode]]
-        ratios = ([runs["torchvision"][k][0] / runs[mode][k][0] for k in range(args.repeats)]
-                  if "torchvision" in runs else None)
-        rows.append({"loader": mode, "workers": args.workers, "batch_size": args.batch_size, "views": n_views,
-                     "view_dtype": info[mode][1], "images_in_folder": info[mode][0], "timed_batches": args.batches,
-                     "repeats": args.repeats, "img_per_s": statistics.median(rates), "img_per_s_min": min(rates),
-                     "img_per_s_max": max(rates), "views_per_s": statistics.median(rates) * n_views,
-                     "cpu_ms_per_batch": statistics.median(c for _, c in runs[mode]) / args.batches * 1e3,
-                     "speedup_vs_torchvision": statistics.median(ratios) if ratios else None,
-                     "speedups": " ".join(f"{r:.2f}" for r in ratios) if ratios else ""})
 
     where = f"global {args.global_size}px, local {args.local_size}px x {args.local_crops}, precision {args.precision}"
     notes = (f"data={root}; {where}; loaders built by build_train_data and read through TrainData.epoch; img/s "
              "counts every view of an image; median of the turns (min, max beside), speedup = median of per-turn "
              "ratios; cpu_ms_per_batch = CPU time of the whole process (all threads) per batch, worker processes "
              "not counted" + ("; views moved to the GPU inside the timed loop" if cuda
-                              else "; CPU run: NOT a GPU figure"))
-    write_results("bench_data", rows, ["loader", "workers", "batch_size", "views", "view_dtype", "images_in_folder",
-                                       "timed_batches", "repeats", "img_per_s", "img_per_s_min", "img_per_s_max",
-                                       "views_per_s", "cpu_ms_per_batch", "speedup_vs_torchvision", "speedups"],
-                  notes=notes, out_dir=args.out)
+                              else "; CPU run: NOT a GPU figure")
+             + (f"; the consumer slept {args.step_ms:g} ms per batch (a stand-in for the step)" if args.step_ms
+                else ""))
+    # With a stand-in step the figures answer another question (is the loader off the critical path): own file.
+    results = Results("bench_data_step" if args.step_ms else "bench_data",
+                      ["loader", "workers", "batch_size", "views", "view_dtype", "images_in_folder", "timed_batches",
+                       "repeats", "img_per_s", "img_per_s_min", "img_per_s_max", "views_per_s", "cpu_ms_per_batch",
+                       "speedup_vs_torchvision", "speedups"],
+                      notes, out_dir=args.out)
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    info: dict[str, tuple[int, str]] = {}
+    imgs = args.batches * args.batch_size
+
+    def rows_so_far() -> list[dict[str, Any]]:
+        """One row per mode timed so far: medians over its turns, ratios over the turns both sides ran."""
+        rows = []
+        for mode in (m for m in modes if runs[m]):
+            rates = [imgs / wall for wall, _ in runs[mode]]
+            ratios = ([runs["torchvision"][k][0] / runs[mode][k][0]
+                       for k in range(min(len(runs["torchvision"]), len(runs[mode])))]
+                      if "torchvision" in runs else None)
+            rows.append({"loader": mode, "workers": args.workers, "batch_size": args.batch_size, "views": n_views,
+                         "view_dtype": info[mode][1], "images_in_folder": info[mode][0],
+                         "timed_batches": args.batches, "repeats": len(runs[mode]),
+                         "img_per_s": statistics.median(rates), "img_per_s_min": min(rates),
+                         "img_per_s_max": max(rates), "views_per_s": statistics.median(rates) * n_views,
+                         "cpu_ms_per_batch": statistics.median(c for _, c in runs[mode]) / args.batches * 1e3,
+                         "speedup_vs_torchvision": statistics.median(ratios) if ratios else None,
+                         "speedups": " ".join(f"{r:.2f}" for r in ratios) if ratios else ""})
+        return rows
+
+    for _ in range(args.repeats):
+        for mode in modes:
+            data = build(args, root, mode, device, dtype)
+            n_images = len(data.dataset) if mode.startswith("torchvision") else len(data.loader.samples)
+            info[mode] = (n_images, str(data.view_dtype).replace("torch.", ""))
+            runs[mode].append(time_batches(with_step(endless(data), args.step_ms), args.warmup, args.batches, sync))
+            del data
+            results.replace(rows_so_far())  # on disk after every timed loader: a cut run keeps them
+    results.close()
     if args.profile and dali_available():
         prof = profile_dali(args, root, dtype, n=max(args.batches, 10))
         write_results("bench_data_profile", prof, ["stage", "cpu_ms_per_batch", "share_of_loader", "img_per_cpu_s"],

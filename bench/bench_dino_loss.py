@@ -104,15 +104,14 @@ def head_step_fns(batch: int, ncrops: int, k: int, dtype: torch.dtype, device: t
 
 
 def _measure(fn: Callable[[], None], cuda: bool) -> tuple[float, int | None]:
-    from bench.common import peak_memory, time_fn
+    """(median ms, peak extra bytes) of one step; (nan, None) when it runs out of memory."""
+    from bench.common import oom_as_reason, peak_memory, time_fn
 
-    try:
+    with oom_as_reason({}):
         fn()  # compile / JIT / autotune warm-up outside the timing
         ms = time_fn(fn) if cuda else time_fn(fn, warmup=1, rep=3)
         return ms, peak_memory(fn)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return float("nan"), None
+    return float("nan"), None
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cuda:
         # CPU: the kernels run through the Triton interpreter; set before they are first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from bench.common import device_peaks, write_results
+    from bench.common import Results, device_peaks, peak_note
     from dino_fast.ops import dino_loss_floor_bytes
 
     peaks = device_peaks() if cuda else None
@@ -148,45 +147,43 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     sizes = args.sizes or (GPU_SIZES if cuda else CPU_SIZES)
     with_compile = cuda and not args.no_compile  # compile on CPU would time the C++ compiler, not the op
-    rows = []
+    notes = ("forward+backward per step; bytes floor (loss rows) = read student+teacher logits once + write student "
+             f"grad once; % floor against {peak_note(peak_gbps, 'GB/s', bool(args.peak_gbps))}; head rows: features "
+             f"(V*B, {BOTTLENECK}) -> weight-normed last layer -> loss under autocast in the row's dtype (fp32: none), "
+             "peak extra GB = torch.cuda.max_memory_allocated over one step minus the memory before it; speed-ups are "
+             "time ratios (>1: faster)")
+    if not cuda:
+        notes += "; CPU run through the Triton interpreter: NOT GPU figures, tiny sizes, no torch.compile"
+    # rows go to disk per size as they are measured: a run stopped at its cap keeps the sizes it finished
+    results = Results("bench_dino_loss", ["B", "V", "K", "dtype", "impl", "ms", "GB/s", "% floor", "peak extra GB",
+                                          "vs eager", "vs compile", "vs head+fused"], notes, out_dir=args.out)
     for batch, ncrops, k in sizes:
         for dname in args.dtypes.split(","):
             dtype = DTYPES[dname]
             student, teacher, center = make_case(batch, ncrops, k, dtype, device)
             nbytes = dino_loss_floor_bytes(batch, ncrops, k, dtype)
-            results = {impl: _measure(fn, cuda)
-                       for impl, fn in step_fns(student, teacher, center, ncrops, with_compile).items()}
+            timed = {impl: _measure(fn, cuda)
+                     for impl, fn in step_fns(student, teacher, center, ncrops, with_compile).items()}
             del student, teacher, center
-            for impl, (ms, mem) in results.items():
+            for impl, (ms, mem) in timed.items():
                 gbps = nbytes / (ms * 1e-3) / 1e9
-                rows.append({
+                results.add({
                     "B": batch, "V": ncrops, "K": k, "dtype": dname, "impl": impl, "ms": ms, "GB/s": gbps,
                     "% floor": 100.0 * gbps / peak_gbps if peak_gbps else None,
                     "peak extra GB": None if mem is None else mem / 1e9,
-                    "vs eager": results["eager"][0] / ms,
-                    "vs compile": results["compile"][0] / ms if "compile" in results else None,
+                    "vs eager": timed["eager"][0] / ms,
+                    "vs compile": timed["compile"][0] / ms if "compile" in timed else None,
                 })
             if args.no_head:
                 continue
             head = {impl: _measure(fn, cuda) for impl, fn in head_step_fns(batch, ncrops, k, dtype, device).items()}
             for impl, (ms, mem) in head.items():
-                rows.append({"B": batch, "V": ncrops, "K": k, "dtype": dname, "impl": impl, "ms": ms,
+                results.add({"B": batch, "V": ncrops, "K": k, "dtype": dname, "impl": impl, "ms": ms,
                              "peak extra GB": None if mem is None else mem / 1e9,
                              "vs eager": head["head+eager"][0] / ms, "vs head+fused": head["head+fused"][0] / ms})
             if cuda:
                 torch.cuda.empty_cache()
-    peak_note = ("none (CPU)" if not cuda else "none (device not in bench.common.DEVICE_PEAKS)" if not peak_gbps
-                 else f"{peak_gbps:g} GB/s (" + ("--peak-gbps" if args.peak_gbps else
-                                                 f"datasheet, {torch.cuda.get_device_name()}") + ")")
-    notes = ("forward+backward per step; bytes floor (loss rows) = read student+teacher logits once + write student "
-             f"grad once; % floor against {peak_note}; head rows: features (V*B, {BOTTLENECK}) -> weight-normed "
-             "last layer -> loss under autocast in the row's dtype (fp32: none), peak extra GB = "
-             "torch.cuda.max_memory_allocated over one step minus the memory before it; speed-ups are time ratios "
-             "(>1: faster)")
-    if not cuda:
-        notes += "; CPU run through the Triton interpreter: NOT GPU figures, tiny sizes, no torch.compile"
-    write_results("bench_dino_loss", rows, ["B", "V", "K", "dtype", "impl", "ms", "GB/s", "% floor", "peak extra GB",
-                                       "vs eager", "vs compile", "vs head+fused"], notes, out_dir=args.out)
+    results.close()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import device_peaks, time_fn, write_results  # noqa: E402
+from bench.common import Results, device_peaks, peak_note, time_fn  # noqa: E402
 
 ARCHS = {  # name: (embed dim, depth, image size, patch size, head hidden, head bottleneck, out_dim)
     "vit_s": (384, 12, 224, 16, 2048, 256, 65536),
@@ -105,7 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     models = ["tiny"] if (args.tiny or not cuda) else (args.models or ["vit_s", "vit_b"])
     device = torch.device("cuda" if cuda else "cpu")
     m = args.momentum
-    rows = []
+    notes = (f"bytes floor 12 B/elem (fp32 student) or 10 B/elem (bf16 student); % of peak against "
+             f"{peak_note(peak_gbps, 'GB/s', bool(args.peak_gbps))}; momentum {m}; Triton chunk={chunk} "
+             f"block={block}; 'launches (plan)' = Triton launches per update from the plan; kernels/update "
+             f"counted with torch.profiler (CUDA only); host us = Python + launch time of one call")
+    if not cuda:
+        notes += "; CPU run through the Triton interpreter on a tiny list: NOT GPU figures"
+    results = Results("bench_ema", ["model", "student", "tensors", "Melem", "method", "ms", "GB/s", "% of peak",
+                                    "x vs loop", "launches (plan)", "kernels/update (profiler)", "host us"],
+                      notes, out_dir=args.out)
     for model in models:
         shapes = dino_param_shapes(*ARCHS[model])
         numel = sum(int(torch.Size(s).numel()) for s in shapes)
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 "foreach mul+add": foreach_mul_add,
                 "per-param loop": lambda: multi_tensor_ema_reference_(teacher, student, m),
             }
-            timings = {}
+            timings, rows = {}, []
             for name, fn in methods.items():
                 ms = time_fn(fn, warmup=1, rep=3) if not cuda else time_fn(fn)
                 timings[name] = ms
@@ -153,18 +161,10 @@ def main(argv: list[str] | None = None) -> None:
                     "kernels/update (profiler)": count_kernels(fn),
                     "host us": host_us(fn) if cuda else None,
                 })
-            for r in rows[-len(methods):]:
+            for r in rows:
                 r["x vs loop"] = timings["per-param loop"] / r["ms"]
-    peak_note = ("none (CPU)" if not cuda else "none (device not in bench.common.DEVICE_PEAKS)" if not peak_gbps
-                 else f"{peak_gbps:g} GB/s (" + ("--peak-gbps" if args.peak_gbps else
-                                                 f"datasheet, {torch.cuda.get_device_name()}") + ")")
-    notes = (f"bytes floor 12 B/elem (fp32 student) or 10 B/elem (bf16 student); % of peak against "
-             f"{peak_note}; momentum {m}; Triton chunk={chunk} "
-             f"block={block}; 'launches (plan)' = Triton launches per update from the plan; kernels/update "
-             f"counted with torch.profiler (CUDA only); host us = Python + launch time of one call")
-    if not cuda:
-        notes += "; CPU run through the Triton interpreter on a tiny list: NOT GPU figures"
-    write_results("bench_ema", rows, columns=list(rows[0].keys()), notes=notes, out_dir=args.out)
+            results.add(*rows)  # per (model, dtype): a run stopped at its cap keeps the lists it finished
+    results.close()
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ FLOP count (multiply-add = 2 FLOPs), one view of N = 1 + (S/p)^2 tokens, width D
   per block       24 N D^2 (qkv 6, proj 2, mlp 16)  +  4 N^2 D (q k^T and attn v)
   DINO head       2 * (D h + h h + h b + b K), h = 2048, b = 256 (with --head)
 training step = 3 x forward (backward = 2 x forward); teacher forward, optimizer, loss not counted.
-MFU = counted FLOPs / time / --peak-tflops (default: the device's bf16 dense datasheet peak, see
-``peak_tflops``; none on CPU or an unlisted GPU, then no MFU column value).
+MFU = counted FLOPs / time / --peak-tflops (default: the device's bf16 dense datasheet peak from
+bench.common.device_peaks; none on CPU or an unlisted GPU, and the notes say so).
 Attention microbenchmarks count the useful block-diagonal work only: forward 4 * H * Dh * sum_i N_i^2,
 forward+backward = 3.5 x forward (backward = 2.5 x forward: five matmuls vs two).
 
@@ -31,41 +31,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import peak_memory, time_fn, write_results
-from dino_fast.models import ARCHS, DINOHead, MultiCropWrapper, PackedSeqlens, build_backbone
-from dino_fast.models import attention as attention_mod
-from dino_fast.models import varlen as varlen_mod
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `dino-fast bench model` runs this file
 
-VARIANTS = ("timm", "sdpa", "xformers", "sdpa-packed", "xf-packed", "varlen-packed", "flex-packed", "auto-packed")
+from bench.common import Results, device_peaks, oom_as_reason, peak_memory, peak_note, time_fn  # noqa: E402
+from dino_fast.models import ARCHS, DINOHead, MultiCropWrapper, PackedSeqlens, build_backbone  # noqa: E402
+from dino_fast.models import attention as attention_mod  # noqa: E402
+from dino_fast.models import varlen as varlen_mod  # noqa: E402
+
+# flex last: it compiles fwd+bwd first (tens of seconds), so a run cut at its cap keeps the others
+VARIANTS = ("timm", "sdpa", "xformers", "sdpa-packed", "xf-packed", "varlen-packed", "auto-packed", "flex-packed")
 BACKEND_OF = {"sdpa": "sdpa", "xformers": "xformers", "sdpa-packed": "sdpa", "xf-packed": "xformers",
               "varlen-packed": "varlen", "flex-packed": "flex", "auto-packed": "auto"}
 HEAD_HIDDEN, HEAD_BOTTLENECK = 2048, 256
-
-# bf16 dense tensor-core peaks (TFLOP/s, no sparsity; NVIDIA datasheets), first name match wins.
-# Fallback only: bench/common.py's device_peaks (one table for all benchmarks) is used when present.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
-
-
-def peak_tflops(device: torch.device) -> float | None:
-    """bf16 dense peak of ``device`` for MFU, or None (CPU, or a GPU in neither table)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    shared = getattr(common, "device_peaks", None)
-    if shared is not None:
-        peaks = shared(name)
-        if peaks is not None:
-            return peaks[1]
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key.lower() in name.lower()), None)
-
 
 # --- FLOP counting -----------------------------------------------------------------------------
 def vit_forward_flops(n_tokens: int, dim: int, depth: int, patch: int) -> int:
@@ -150,8 +136,17 @@ def train_step_fn(model: nn.Module, views: list[torch.Tensor], device: torch.dev
 
 
 # --- benchmarks --------------------------------------------------------------------------------
-def bench_models(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    rows = []
+def add_x_sdpa(rows: list[dict[str, Any]]) -> None:
+    """Speed-up of each row over one sdpa pass per resolution (the official layout), same model and batch."""
+    for row in rows:
+        base = next((r for r in rows if r["variant"] == "sdpa" and r["model"] == row["model"]
+                     and r["batch"] == row["batch"] and r.get("ms")), None)
+        if base and row.get("ms"):
+            row["x_sdpa"] = base["ms"] / row["ms"]
+
+
+def bench_models(args: argparse.Namespace, device: torch.device, results: Results) -> None:
+    """One row per (arch, variant, batch) into ``results``, written as it is measured."""
     for arch in args.archs:
         for variant in args.variants:
             reason = skip_reason(variant, device)
@@ -160,7 +155,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> list[dict[st
                 row: dict[str, Any] = {"model": f"{arch}/{args.patch_size}" + ("+head" if args.head else ""),
                                        "variant": variant, "batch": batch}
                 if reason is None:
-                    try:
+                    with oom_as_reason(row):
                         step = train_step_fn(model, make_views(args, batch, device), device)
                         step()  # first call: kernel probes, flex compile, cuDNN plans
                         ms = time_fn(step, warmup=args.warmup, rep=args.rep)
@@ -169,19 +164,10 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> list[dict[st
                         row.update(ms=ms, img_s=batch / (ms * 1e-3), tflops=tflops,
                                    mfu=tflops / args.peak_tflops if args.peak_tflops else None,
                                    peak_gib=None if mem is None else mem / 2**30)
-                    except torch.OutOfMemoryError:
-                        row["reason"] = "OOM"
-                        torch.cuda.empty_cache()
                 else:
                     row["reason"] = reason
-                rows.append(row)
+                results.add(row)
             del model
-    for row in rows:  # speed-up over one sdpa pass per resolution, the official layout
-        base = next((r for r in rows if r["variant"] == "sdpa" and r["model"] == row["model"]
-                     and r["batch"] == row["batch"] and r.get("ms")), None)
-        if base and row.get("ms"):
-            row["x_sdpa"] = base["ms"] / row["ms"]
-    return rows
 
 
 def attention_inputs(arch: str, args: argparse.Namespace, batch: int, device: torch.device, dtype: torch.dtype):
@@ -201,13 +187,13 @@ def attention_inputs(arch: str, args: argparse.Namespace, batch: int, device: to
     return per_res, packed, seqs, useful_fwd
 
 
-def bench_attention(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def bench_attention(args: argparse.Namespace, device: torch.device, results: Results) -> None:
+    """One row per (arch, attention call) into ``results``, written as it is measured."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def math_attn(q, k, v):
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
 
-    rows = []
     for arch in args.archs:
         batch = max(args.batch_sizes)
         per_res, packed, seqs, useful_fwd = attention_inputs(arch, args, batch, device, dtype)
@@ -234,17 +220,17 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> list[dict
             "sdpa per-res": (lambda: [F.scaled_dot_product_attention(*qkv) for qkv in per_res], None),
             "sdpa packed runs": (sdpa_runs, None),
             "varlen packed": (varlen_packed, skip_reason("varlen", device)),
-            "flex packed": (flex_packed, skip_reason("flex", device)),
             "xformers per-res": (lambda: [xops.memory_efficient_attention(*(t.transpose(1, 2) for t in qkv))
                                           for qkv in per_res], skip_reason("xformers", device)),
             "xformers packed": (lambda: [xops.memory_efficient_attention(*packed,
                                                                          attn_bias=seqs.to_xformers(device))],
                                 skip_reason("xformers", device)),
+            "flex packed": (flex_packed, skip_reason("flex", device)),  # last: it compiles first
         }
         for name, (fn, reason) in cases.items():
             row: dict[str, Any] = {"model": f"{arch}/{args.patch_size}", "variant": name, "batch": batch}
             if reason is None:
-                try:
+                with oom_as_reason(row):
                     fn()  # first call: flex compile, cuDNN plans
                     fwd_ms = time_fn(lambda: fn(), warmup=args.warmup, rep=args.rep)
 
@@ -255,14 +241,10 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> list[dict
                     both_ms = time_fn(fwd_bwd, warmup=args.warmup, rep=args.rep)
                     row.update(fwd_ms=fwd_ms, fwd_tflops=useful_fwd / (fwd_ms * 1e-3) / 1e12, fwd_bwd_ms=both_ms,
                                fwd_bwd_tflops=3.5 * useful_fwd / (both_ms * 1e-3) / 1e12)
-                except torch.OutOfMemoryError:
-                    row["reason"] = "OOM"
-                    torch.cuda.empty_cache()
             else:
                 row["reason"] = reason
-            rows.append(row)
+            results.add(row)
         del per_res, packed
-    return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -295,8 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    given_peak = args.peak_tflops is not None
     if args.peak_tflops is None:
-        args.peak_tflops = peak_tflops(device)
+        args.peak_tflops = (device_peaks() or (None, None))[1]
     shape = (f"{args.n_global}x{args.global_size} + {args.n_local}x{args.local_size} px views per image, "
              f"patch {args.patch_size}" + (f", depth {args.depth}" if args.depth else ""))
     if device.type == "cpu":
@@ -305,19 +288,21 @@ def main(argv: list[str] | None = None) -> None:
     auto_line = attention_mod.describe_attention(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                                  ARCHS[args.archs[0]]["embed_dim"] // ARCHS[args.archs[0]]["num_heads"])
     print(auto_line)
-    rows = bench_models(args, device)
-    peak = f"mfu vs --peak-tflops {args.peak_tflops:g} (bf16 dense)" if args.peak_tflops else "no mfu (no peak known)"
-    write_results("model", rows,
-                  ["model", "variant", "batch", "ms", "img_s", "x_sdpa", "tflops", "mfu", "peak_gib", "reason"],
-                  notes=f"student forward+backward; {shape}; {precision}; tflops = counted FLOPs (formula in "
-                        f"bench/bench_model.py) / time; {peak}; x_sdpa = sdpa per-resolution ms / this row's ms; "
-                        f"{auto_line}", out_dir=args.out)
+    peak = f"mfu against {peak_note(args.peak_tflops, 'bf16 dense TFLOP/s', given_peak)}"
+    results = Results("model", ["model", "variant", "batch", "ms", "img_s", "x_sdpa", "tflops", "mfu", "peak_gib",
+                                "reason"],
+                      notes=f"student forward+backward; {shape}; {precision}; tflops = counted FLOPs (formula in "
+                            f"bench/bench_model.py) / time; {peak}; x_sdpa = sdpa per-resolution ms / this row's ms; "
+                            f"{auto_line}", out_dir=args.out, derive=add_x_sdpa)
+    bench_models(args, device, results)
+    results.close()
     if not args.skip_attention:
-        rows = bench_attention(args, device)
-        write_results("model_attention", rows,
-                      ["model", "variant", "batch", "fwd_ms", "fwd_tflops", "fwd_bwd_ms", "fwd_bwd_tflops", "reason"],
-                      notes=f"attention core only (q, k, v given), all views of a batch; {shape}; {precision}; "
-                            "useful block-diagonal FLOPs, fwd+bwd = 3.5 x fwd", out_dir=args.out)
+        results = Results("model_attention", ["model", "variant", "batch", "fwd_ms", "fwd_tflops", "fwd_bwd_ms",
+                                              "fwd_bwd_tflops", "reason"],
+                          notes=f"attention core only (q, k, v given), all views of a batch; {shape}; {precision}; "
+                                "useful block-diagonal FLOPs, fwd+bwd = 3.5 x fwd", out_dir=args.out)
+        bench_attention(args, device, results)
+        results.close()
 
 
 if __name__ == "__main__":

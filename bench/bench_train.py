@@ -54,7 +54,7 @@ if not torch.cuda.is_available():  # before any Triton kernel is defined: CPU ru
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.bench_model import vit_forward_flops  # noqa: E402
-from bench.common import device_peaks, write_results  # noqa: E402
+from bench.common import Results, device_peaks, oom_as_reason, peak_note  # noqa: E402
 
 PATHS = ("reference", "fast", "fast+compile")
 MODES = ("synthetic", "loader")
@@ -150,7 +150,7 @@ def instrumented(trainer: Any, timer: PhaseTimer) -> Iterator[None]:
 
     handles = [trainer.teacher.register_forward_pre_hook(lambda *_: timer.mark("other")),
                trainer.student.register_forward_hook(lambda *_: timer.mark("forward")),
-               trainer.loss_fn.register_forward_hook(lambda *_: timer.mark("loss"))]
+               trainer.objective.dino_loss.register_forward_hook(lambda *_: timer.mark("loss"))]
     train_mod.clip_gradients_, trainer.ema.step = clip, ema
     try:
         yield
@@ -168,7 +168,7 @@ def batches(trainer: Any, mode: str, args: argparse.Namespace, device: torch.dev
         g = torch.Generator(device=device).manual_seed(0)
         sizes = [args.global_size] * 2 + [args.local_size] * args.n_local
         batch = trainer.cfg.batch_size_per_gpu
-        views = [torch.randn(batch, 3, s, s, device=device, dtype=trainer.dtype, generator=g) for s in sizes]
+        views = [torch.randn(batch, 3, s, s, device=device, dtype=trainer.compute_dtype, generator=g) for s in sizes]
         while True:
             yield views
     epoch = 0
@@ -279,9 +279,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def add_x_ref(rows: list[dict[str, Any]]) -> None:
+    """Speed-up of each row over the reference path of the same mode and batch (measured in this run:
+    the one same-card baseline on any GPU)."""
+    for row in rows:
+        ref = next((r for r in rows if r["mode"] == row["mode"] and r["batch"] == row["batch"]
+                    and r["path"] == "reference" and "img_s" in r), None)
+        if ref is not None and "img_s" in row:
+            row["x_ref"] = row["img_s"] / ref["img_s"]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    given_peak = args.peak_tflops is not None
     if args.peak_tflops is None and device.type == "cuda":
         args.peak_tflops = (device_peaks() or (None, None))[1]
     if device.type == "cpu":
@@ -291,23 +302,6 @@ def main(argv: list[str] | None = None) -> None:
         from dino_fast.data.demo import make_demo_dataset
 
         data = make_demo_dataset() / "train"
-    rows, prof = [], []
-    for mode in args.modes:
-        for path in args.paths:
-            for batch in args.batch_sizes:
-                try:
-                    row, top = bench_one(args, path, mode, data, device, batch)
-                    rows.append(row)
-                    prof += top
-                except torch.OutOfMemoryError:
-                    rows.append({"mode": mode, "path": path, "batch": batch, "reason": "OOM"})
-                    gc.collect()
-                    torch.cuda.empty_cache()
-    for row in rows:  # speed-up over the reference path of the same mode and batch
-        ref = next((r for r in rows if r["mode"] == row["mode"] and r["batch"] == row["batch"]
-                    and r["path"] == "reference" and "img_s" in r), None)
-        if ref is not None and "img_s" in row:
-            row["x_ref"] = row["img_s"] / ref["img_s"]
     shape = (f"{args.arch}/{args.patch_size}" + (f" depth {args.depth}" if args.depth else "") +
              f", 2x{args.global_size} + {args.n_local}x{args.local_size} px views, out_dim {args.out_dim}, "
              f"head {args.head_hidden_dim}/{args.head_bottleneck_dim}")
@@ -316,17 +310,32 @@ def main(argv: list[str] | None = None) -> None:
     notes = (f"one process{' (FSDP2 path, 1 rank)' if args.fsdp else ''}; {shape}; {precision}; "
              f"{args.warmup} warm-up + {args.steps} timed steps; loader data: {source}; tflops = counted FLOPs "
              f"(student 3x fwd all views + teacher fwd globals, formula in bench/bench_train.py) / step time; "
-             f"mfu vs --peak-tflops {args.peak_tflops}; phase ms from a second, instrumented pass")
+             f"mfu against {peak_note(args.peak_tflops, 'bf16 dense TFLOP/s', given_peak)}; "
+             "phase ms from a second, instrumented pass")
     if device.type == "cpu":
         notes += "; CPU: the fast path runs its Triton kernels in the interpreter, so its times mean nothing"
     columns = ["mode", "path", "attn", "batch", "img_s", "x_ref", "step_ms", "tflops", "mfu", "peak_gib",
                *[f"{p}_ms" for p in PHASES], "reason"]
-    write_results("train", rows, columns, notes=notes, out_dir=args.out)
-    if prof:
-        write_results("train_profile", prof, ["mode", "path", "batch", "kernel", "calls_per_step", "ms_per_step", "pct"],
+    # each row on disk as soon as it is measured: a run stopped at its cap keeps the paths it finished
+    results = Results("train", columns, notes, out_dir=args.out, derive=add_x_ref)
+    profile = Results("train_profile", ["mode", "path", "batch", "kernel", "calls_per_step", "ms_per_step", "pct"],
                       notes=f"torch.profiler over {args.profile} steps per row (after the timed passes); self time "
                             f"per kernel ({'CUDA' if device.type == 'cuda' else 'CPU ops'}), top 15 per row",
-                      out_dir=args.out)
+                      out_dir=args.out) if args.profile else None
+    for mode in args.modes:
+        for path in args.paths:
+            for batch in args.batch_sizes:
+                row: dict[str, Any] = {"mode": mode, "path": path, "batch": batch}
+                with oom_as_reason(row):
+                    measured, top = bench_one(args, path, mode, data, device, batch)
+                    row.update(measured)
+                    if profile is not None and top:
+                        profile.add(*top)
+                results.add(row)
+    results.close()
+    if profile is not None:
+        profile.close()
+
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ from dino_fast.ema import TeacherEMA, update_teacher_
 from dino_fast.eval.knn import knn_classifier, knn_eval
 from dino_fast.ibot import iBOTPatchLoss
 from dino_fast.koleo import koleo_loss
+from dino_fast.dino_head_loss import DINOHeadLoss
 from dino_fast.dino_loss import DINOLoss, dino_loss_reference
 from dino_fast.models import DINOHead, DinoViT, MultiCropWrapper, build_backbone, set_attn_backend
 from dino_fast.pretrained import load_pretrained
@@ -24,7 +25,8 @@ from dino_fast.train import Trainer, train_main
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DINOHead", "DINOLoss", "DinoFastError", "DinoViT", "MultiCropWrapper", "TeacherEMA", "TrainConfig",
-    "Trainer", "build_backbone", "dino_loss_reference", "iBOTPatchLoss", "knn_classifier", "knn_eval", "koleo_loss",
-    "load_config", "load_pretrained", "set_attn_backend", "train_main", "update_teacher_",
+    "ConfigError", "DINOHead", "DINOHeadLoss", "DINOLoss", "DinoFastError", "DinoViT", "MultiCropWrapper",
+    "TeacherEMA", "TrainConfig", "Trainer", "build_backbone", "dino_loss_reference", "iBOTPatchLoss",
+    "knn_classifier", "knn_eval", "koleo_loss", "load_config", "load_pretrained", "set_attn_backend", "train_main",
+    "update_teacher_",
 ]

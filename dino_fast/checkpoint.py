@@ -24,14 +24,14 @@ Safety: nothing read from a checkpoint can run code. DCP unpickles ``.metadata``
 ``pickle`` and non-tensor values with ``torch.load(weights_only=False)``; here the metadata goes
 through an unpickler that only builds DCP's own metadata classes, non-tensor values through
 ``torch.load(weights_only=True)``, and old ``.pth`` files through ``weights_only=True`` with an
-explicit allowlist. The format, keys and shapes are checked before any state is touched.
+explicit allowlist (the unpickler and the allowlist: :mod:`dino_fast.safe_load`). The format, keys
+and shapes are checked before any state is touched.
 """
 from __future__ import annotations
 
 import io
 import logging
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -45,7 +45,8 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from dino_fast.distributed import barrier, get_rank, is_distributed
-from dino_fast.errors import CheckpointError
+from dino_fast.errors import CheckpointError, CheckpointSaveError, UnreadableCheckpointError
+from dino_fast.safe_load import MetadataUnpickler, torch_load_safe
 
 __all__ = ["Checkpointer", "Stateful", "FORMAT", "atomic_torch_save", "fsync_dir", "latest_checkpoint",
            "read_checkpoint_values", "consolidate", "is_dcp_checkpoint", "safe_load_pth"]
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 FORMAT = "dino_fast-dcp-2"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEGACY_FILE = re.compile(r"^checkpoint-(\d+)\.pth$")
+RENAMED_PARTS = {"dino_loss": "loss"}  # part name -> its old name: checkpoints written before still resume
 
 
 class Stateful(Protocol):
@@ -117,30 +119,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- safe reading
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata classes, torch sizes/dtypes/layouts and paths; nothing else."""
-
-    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in self._MODULES and not name.startswith("__"):
-            obj = getattr(__import__(module, fromlist=[name]), name, None)
-            if isinstance(obj, type):
-                return obj
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
-            return getattr(torch, name)
-        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                              ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}:
-            return getattr(__import__(module, fromlist=[name]), name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never needs")
-
-
 class _SafeReader(dcp.FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         with open(Path(self.path) / ".metadata", "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+            metadata = MetadataUnpickler(f).load()
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -150,22 +134,69 @@ class _SafeReader(dcp.FileSystemReader):
 class _SafePlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         # weights_only: tensors, containers and numbers only; re-serialised, the base class can place it
-        obj = torch.load(value, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as e:
+            info = self.metadata.storage_data.get(read_item.storage_index)
+            where = f"{info.relative_path}, " if info is not None else ""
+            raise UnreadableCheckpointError(
+                f"entry '{read_item.dest_index.fqn}' ({where}refused: not plain tensor data: "
+                f"{type(e).__name__}: {_first_line(e)[:160]})") from None
         buf = io.BytesIO()
         torch.save(obj, buf)
         buf.seek(0)
         super().load_bytes(read_item, buf)
 
 
+def _first_line(e: BaseException) -> str:
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The error behind DCP's wrapping: the first rank's failure of a ``CheckpointException``,
+    then down its ``__cause__`` / ``__context__`` chain to the deepest ``OSError`` if there is one
+    (a full disk shows as an enforce failure of the zip writer caused by ``OSError: No space left``)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    deepest, seen = e, set()
+    while deepest is not None and id(deepest) not in seen:
+        seen.add(id(deepest))
+        if isinstance(deepest, (OSError, CheckpointError)):
+            return deepest
+        deepest = deepest.__cause__ or deepest.__context__
+    return e
+
+
 def _read_metadata(path: Path) -> Any:
     try:
         return _SafeReader(str(path)).read_metadata()
     except Exception as e:  # random bytes, truncation, a crafted pickle
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UnreadableCheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _dcp_load(state: dict[str, Any], path: Path) -> None:
+def _storage_problem(path: Path, metadata: Any, keys: set[str] | None = None) -> str | None:
+    """A missing or truncated shard file holding one of ``keys`` (all when None), named with its
+    entry, found from the sizes the metadata records (no byte is read)."""
+    sizes: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        if keys is not None and not any(index.fqn == k or index.fqn.startswith(k + ".") for k in keys):
+            continue
+        if info.relative_path not in sizes:
+            f = path / info.relative_path
+            sizes[info.relative_path] = f.stat().st_size if f.is_file() else -1
+        have, need = sizes[info.relative_path], info.offset + info.length
+        if have < 0:
+            return f"{info.relative_path} is missing (it holds entry '{index.fqn}')"
+        if have < need:
+            return (f"{info.relative_path} is truncated: {have} bytes, entry '{index.fqn}' ends at byte {need}")
+    return None
+
+
+def _dcp_load(state: dict[str, Any], path: Path, metadata: Any = None) -> None:
+    problem = _storage_problem(path, metadata or _read_metadata(path), set(_flat_keys(state)))
+    if problem:
+        raise UnreadableCheckpointError(f"checkpoint {path}: {problem}")
     kw = dict(checkpoint_id=str(path), storage_reader=_SafeReader(str(path)), planner=_SafePlanner())
     try:
         if is_distributed():
@@ -174,11 +205,23 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
         with warnings.catch_warnings():  # DCP warns that it runs without a process group: the intent
             warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
             dcp.load(state, no_dist=True, **kw)
-    except CheckpointError:
-        raise
-    except (Exception, CheckpointException) as e:  # truncated shards, a value that is not plain data, ...
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {first[:300]})") from None
+    except CheckpointError as e:
+        raise UnreadableCheckpointError(f"checkpoint {path}: {e}") from None
+    except (Exception, CheckpointException) as e:  # a corrupt shard, a value that is not plain data, ...
+        cause = root_cause(e)
+        if isinstance(cause, CheckpointError):
+            raise UnreadableCheckpointError(f"checkpoint {path}: {cause}") from None
+        raise UnreadableCheckpointError(f"checkpoint {path} could not be read ({type(cause).__name__}: "
+                                        f"{_first_line(cause)[:300]})") from None
+
+
+def _flat_keys(obj: Any, prefix: str = "") -> list[str]:
+    """DCP's flattened keys of a nested state dict (dicts and lists; leaves of any type)."""
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in _flat_keys(v, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(obj, list):
+        return [k for i, v in enumerate(obj) for k in _flat_keys(v, f"{prefix}.{i}")]
+    return [prefix]
 
 
 def read_checkpoint_values(path: str | Path, keys: dict[str, Any]) -> dict[str, Any]:
@@ -196,13 +239,8 @@ def read_checkpoint_values(path: str | Path, keys: dict[str, Any]) -> dict[str, 
 def safe_load_pth(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` of a single file, with numpy's RNG-state arrays allowed
     (old checkpoints hold ``np.random.get_state()``); one clear error for anything unreadable."""
-    import numpy as np
-
-    allowed = [np.ndarray, np.dtype, getattr(np, "_core", np).multiarray._reconstruct,
-               type(np.dtype(np.uint32))]
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_safe(path)  # the one allowlist (dino_fast.safe_load)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); only tensors, containers and "
@@ -222,6 +260,12 @@ def _flat_tensors(obj: Any, prefix: str) -> dict[str, Any]:
     elif isinstance(obj, torch.Tensor):
         out[prefix] = obj
     return out
+
+
+def saved_part_name(name: str, saved: Any) -> str:
+    """``name``, or its old name (:data:`RENAMED_PARTS`) in a checkpoint (keys ``saved``) written before."""
+    old, holds = RENAMED_PARTS.get(name), lambda n: any(k.startswith(n + ".") for k in saved)
+    return old if old and not holds(name) and holds(old) else name
 
 
 def check_fits(targets: dict[str, Any], metadata: Any, strict: set[str], path: Path, hint: str = "") -> None:
@@ -258,9 +302,23 @@ class Checkpointer:
     A part may define ``load_targets(saved_keys)`` to shape what it loads into.
     """
 
-    def __init__(self, output_dir: str | Path, keep: int = 2, strict: tuple[str, ...] = ("student", "teacher")):
+    def __init__(self, output_dir: str | Path, keep: int = 2, strict: tuple[str, ...] = ("student", "teacher"),
+                 every: int = 0, snapshot_every: int = 0):
         self.folder = Path(output_dir) / "checkpoints"
         self.keep, self.strict = keep, set(strict)
+        self.every, self.snapshot_every = every, snapshot_every
+
+    # -- cadence: when the training loop saves ---------------------------------------------
+    def should_save(self, step: int, force: bool = False) -> bool:
+        """Every ``every`` steps, and whenever the loop forces it (epoch end, the end, a stop)."""
+        return force or (self.every > 0 and step % self.every == 0)
+
+    def snapshot_epoch(self, finished_epoch: int | None) -> int | None:
+        """``finished_epoch`` when a numbered snapshot is kept for it (every ``snapshot_every``
+        epochs, as main_dino.py's ``saveckp_freq``), else None."""
+        if finished_epoch is None or not self.snapshot_every or finished_epoch % self.snapshot_every:
+            return None
+        return finished_epoch
 
     def path(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}"
@@ -278,12 +336,17 @@ class Checkpointer:
             tmp.parent.mkdir(parents=True, exist_ok=True)
         barrier()
         state = {name: part.state_dict() for name, part in parts.items()}
-        if is_distributed():
-            dcp.save(state, checkpoint_id=str(tmp))
-        else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
-                dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+        try:  # DCP gathers every rank's failure, so all ranks raise together
+            if is_distributed():
+                dcp.save(state, checkpoint_id=str(tmp))
+            else:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
+                    dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+        except (Exception, CheckpointException) as e:  # disk full, permission lost, I/O error
+            if get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # the space it took is the user's again
+            raise self._save_failed(final, e) from None
         if get_rank() == 0:
             if final.exists():  # re-saving a step (resumed from an older checkpoint): replace it
                 shutil.rmtree(final)
@@ -294,6 +357,23 @@ class Checkpointer:
             self._prune()
         barrier()  # nobody moves on (or reads the checkpoint) before the rename
         return final
+
+    def _save_failed(self, final: Path, e: BaseException) -> CheckpointSaveError:
+        """One line: which checkpoint, the error, the free space, and what is still there."""
+        cause = root_cause(e)
+        try:
+            free = f"{shutil.disk_usage(self.folder).free / 2 ** 30:.2f} GiB free on {self.folder}"
+        except OSError:
+            free = f"free space of {self.folder} unknown"
+        prev = self.latest()
+        kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        return CheckpointSaveError(f"saving checkpoint {final} failed: {type(cause).__name__}: "
+                                   f"{_first_line(cause)[:200]} ({free}); {kept}; fix it and resume with "
+                                   f"--resume auto")
+
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints, newest first (what ``--resume auto`` tries, in order)."""
+        return [p for _, p in reversed(_listed(self.folder.parent))]
 
     @staticmethod
     def _link(src: Path, dst: Path) -> None:
@@ -329,16 +409,16 @@ class Checkpointer:
         fmt = read_checkpoint_values(path, {"train.format": ""})["train.format"]
         if fmt != FORMAT:
             raise CheckpointError(f"{path}: checkpoint format {fmt!r}, this version reads {FORMAT!r}")
-        targets = {}
+        targets, stored = {}, {name: saved_part_name(name, saved) for name in parts}  # targets: by stored name
         for name, part in parts.items():
-            keys = {k[len(name) + 1:] for k in saved if k.startswith(name + ".")}
+            keys = {k[len(stored[name]) + 1:] for k in saved if k.startswith(stored[name] + ".")}
             if not keys:
                 raise CheckpointError(f"{path} holds no '{name}' state")
-            targets[name] = part.load_targets(keys) if hasattr(part, "load_targets") else part.state_dict()
-        check_fits(targets, metadata, self.strict & set(parts), path, hint)
-        _dcp_load(targets, path)
+            targets[stored[name]] = part.load_targets(keys) if hasattr(part, "load_targets") else part.state_dict()
+        check_fits(targets, metadata, self.strict & set(parts), path, hint)  # the strict models were never renamed
+        _dcp_load(targets, path, metadata)
         for name, part in parts.items():
-            part.load_state_dict(targets[name])
+            part.load_state_dict(targets[stored[name]])
 
 
 def consolidate(path: str | Path) -> dict[str, Any]:
@@ -357,11 +437,12 @@ def consolidate(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint format {meta['train.format']!r}, this version reads {FORMAT!r}")
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    targets: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}, "loss": {}}
+    loss_name = saved_part_name("dino_loss", saved)
+    targets: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}, loss_name: {}}
     for key, m in saved.items():
         name, _, rest = key.partition(".")
         if name in targets and isinstance(m, TensorStorageMetadata):
             targets[name][rest] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
     _dcp_load(targets, path)
-    return {"student": targets["student"], "teacher": targets["teacher"], "dino_loss": targets["loss"],
+    return {"student": targets["student"], "teacher": targets["teacher"], "dino_loss": targets[loss_name],
             "step": int(meta["train.step"]), "config": json.loads(meta["train.config"])}

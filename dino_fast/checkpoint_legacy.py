@@ -41,5 +41,5 @@ def load_legacy(path: Path, parts: dict[str, Any], hint: str = "") -> None:
     parts["student"].load_state_dict(obj["student"], full=True)
     parts["teacher"].load_state_dict(obj["teacher"], full=True)
     parts["optimizer"].load_legacy(obj["optimizer"])
-    parts["loss"].load_state_dict(obj["dino_loss"])
+    parts["dino_loss"].load_state_dict(obj["dino_loss"])
     parts["train"].load_legacy(obj["step"], obj["config"], obj["rng"])

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import subprocess
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from dino_fast.config import OFFICIAL_FLAGS, PRESETS, ConfigError, TrainConfig, load_config
+from dino_fast.config import (CHOICES, OFFICIAL_FLAGS, PRESETS, RANGES, ConfigError, TrainConfig, field_docs,
+                              load_config, suggest)
 
 __all__ = ["main"]
 
@@ -22,35 +23,31 @@ log = logging.getLogger("dino_fast")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (official names), default None = 'not given'."""
-    p.add_argument("--config", help="YAML file of TrainConfig keys (flags override it); "
-                                    f"or a preset name: {', '.join(sorted(x.stem for x in PRESETS.glob('*.yaml')))}")
+    """One flag per TrainConfig field (official names), in the config's sections, default None =
+    'not given' (so a --config file is not overridden; -h shows the real default)."""
+    p.add_argument("--config", help="YAML file of TrainConfig keys (flags override it; a run's own "
+                                    "<output_dir>/config.yaml works); or a preset name: "
+                                    f"{', '.join(sorted(x.stem for x in PRESETS.glob('*.yaml')))}")
+    docs = field_docs()
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
+        section, doc = docs[f.name]
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} options")
         typ = str(f.type)
         default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        official = " [main_dino.py flag]" if f.name in OFFICIAL_FLAGS else ""
-        # default=None marks "not given" (so a --config file is not overridden); -h shows the real one
-        kw: dict[str, Any] = {"default": None, "dest": f.name,
-                              "help": f"{' '.join(_doc(f.name).split())} (default: {default!r}){official}"}
+        notes = [f"default: {default!r}"] + ([f"range {RANGES[f.name]}"] if f.name in RANGES else []) + \
+                (["main_dino.py flag"] if f.name in OFFICIAL_FLAGS else [])
+        kw: dict[str, Any] = {"default": None, "dest": f.name, "help": f"{doc} [{'; '.join(notes)}]"}
         if typ.startswith("tuple"):
             kw.update(nargs=2, type=float, metavar=("LOW", "HIGH"))
         elif typ == "bool":
             kw.update(type=str, metavar="true|false")
         elif typ in ("int", "float"):
             kw.update(type=float if typ == "float" else int)
-        p.add_argument(f"--{f.name}", **kw)
-
-
-def _doc(name: str) -> str:
-    import inspect
-
-    src = inspect.getsource(TrainConfig)
-    marker = f"    {name}:"
-    i = src.find(marker)
-    if i < 0:
-        return ""
-    j = src.find('"""', i)
-    return src[j + 3:src.find('"""', j + 3)] if j >= 0 else ""
+        if f.name in CHOICES:
+            kw.update(metavar="|".join(CHOICES[f.name]))
+        groups[section].add_argument(f"--{f.name}", **kw)
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -108,11 +105,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     script = bench / ("suite.py" if args.what == "all" else f"bench_{args.what}.py")
     if not script.exists():
         raise ConfigError(f"no benchmark {script} (bench/ ships with the source checkout)")
-    return subprocess.call([sys.executable, str(script), *args.rest])
+    # the bench replaces this process: a SIGTERM / Ctrl-C sent to `dino-fast` reaches it (the suite then
+    # stops its step, writes its summary and exits 143 / 130)
+    os.execv(sys.executable, [sys.executable, str(script), *args.rest])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dino-fast", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dino-fast", description="DINO self-supervised pretraining of Vision "
+                                "Transformers: train, evaluate (k-NN, linear probe, attention maps), export, benchmark.",
+                                epilog="`dino-fast <command> -h` for a command's options.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -125,23 +126,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(d)
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="run bench/bench_<what>.py (loss, ema, model, data, train), or `all` "
+    b = sub.add_parser("bench", help="run bench/bench_<what>.py (dino_loss, ema, model, data, train), or `all` "
                                      "(bench/suite.py: every GPU figure in one results folder)")
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
 
-    for name, module in (("knn", "dino_fast.eval.knn"), ("linear", "dino_fast.eval.linear"),
-                         ("visualize", "dino_fast.eval.visualize"), ("export", "dino_fast.export")):
+    for name, module, what in (
+            ("knn", "dino_fast.eval.knn", "weighted k-NN of frozen features (eval_knn.py's flags)"),
+            ("linear", "dino_fast.eval.linear", "linear probe on frozen features (eval_linear.py's flags)"),
+            ("visualize", "dino_fast.eval.visualize", "CLS self-attention maps (visualize_attention.py's flags)"),
+            ("export", "dino_fast.export", "a checkpoint as one file: official, released or timm layout"),
+            ("pack", "dino_fast.data.pack", "an image folder as WebDataset tar shards with an index"),
+            ("launch", "dino_fast.launch", "torchrun with one line and exit status 130 / 143 on a signal")):
         # prefix_chars no option uses: every token goes to `rest`, for the module's own parser
-        s = sub.add_parser(name, help=f"see `dino-fast {name} -h`", add_help=False, prefix_chars="\x00")
+        s = sub.add_parser(name, help=what, add_help=False, prefix_chars="\x00")
         s.add_argument("rest", nargs=argparse.REMAINDER)
         s.set_defaults(func=lambda a, m=module: __import__(m, fromlist=["main"]).main(a.rest))
     return p
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse; an unknown flag is one line naming it and the closest known flag (no usage dump)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+    if unknown:
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's parser
+        known = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+        what = (f"unrecognized argument {flags[0]!r} to `dino-fast {args.command}`{suggest(flags[0], known)}"
+                if flags else f"unexpected value {unknown[0]!r} to `dino-fast {args.command}` (a value without "
+                              f"its flag?)")
+        more = len(flags) - 1 if flags else 0
+        raise ConfigError(what + (f"; {more} more unrecognized" if more else ""))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except ConfigError as e:
+        print(f"dino-fast: error: {e}", file=sys.stderr)
+        return 2
     from dino_fast.distributed import launch_rank
 
     # Under torchrun only rank 0 logs progress; the other ranks still report warnings and errors.
@@ -156,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dino-fast: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"dino-fast: {e}", file=sys.stderr)
+        if launch_rank() == 0:  # one line per run: every rank saved, rank 0 speaks for them
+            print(f"dino-fast: {e}", file=sys.stderr)
         return e.exit_code
 
 

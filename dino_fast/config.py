@@ -8,27 +8,67 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from dino_fast.center import CENTERINGS
+from dino_fast.data.build import DATA_BACKENDS
+from dino_fast.dino_head_loss import LOSS_IMPLS, fuses_last_layer
+from dino_fast.ema import IMPLS as EMA_IMPLS
 from dino_fast.errors import ConfigError
+from dino_fast.models.attention import BACKENDS as ATTENTION_BACKENDS
+from dino_fast.optim import OPTIMIZERS
+from dino_fast.precision import PRECISIONS
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "resolve_config_path", "PRESETS", "CHOICES", "OFFICIAL_FLAGS"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "resolve_config_path", "PRESETS", "CHOICES", "RANGES",
+           "OFFICIAL_FLAGS", "field_docs", "in_range", "suggest", "write_config"]
 
 
-# Values each choice field accepts (one place: validation, -h and the docs read it).
+# Values each choice field accepts, read from the modules that implement them (validation and -h
+# read this table; the modules check their own arguments with the same constants).
 CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small", "resnet50"),
-    "attn_backend": ("auto", "sdpa", "varlen", "flex", "xformers", "math"),
-    "loss_impl": ("auto", "triton", "torch", "fused_head"),
-    "ema_impl": ("auto", "triton", "foreach"),
-    "optimizer": ("adamw", "sgd", "lars"),
-    "data_backend": ("auto", "dali", "torchvision"),
-    "precision": ("auto", "bf16", "fp16", "fp32"),
-    "centering": ("center", "sinkhorn_knopp"),
+    "attn_backend": ATTENTION_BACKENDS,
+    "loss_impl": LOSS_IMPLS,
+    "ema_impl": EMA_IMPLS,
+    "optimizer": OPTIMIZERS,
+    "data_backend": DATA_BACKENDS,
+    "precision": PRECISIONS,
+    "centering": CENTERINGS,
 }
+# The range of every numeric field, in interval notation: "[" / "]" closed, "(" / ")" open, inf
+# unbounded. Every value must also be finite (NaN and inf fail the comparisons). __post_init__ checks
+# them and -h shows them; tests/test_config.py holds that every int and float field has a range.
+RANGES: dict[str, str] = {
+    "patch_size": "[1, inf)", "depth": "[0, inf)", "drop_path_rate": "[0, 1)", "out_dim": "[1, inf)",
+    "head_hidden_dim": "[1, inf)", "head_bottleneck_dim": "[1, inf)",
+    "momentum_teacher": "[0, 1]", "teacher_temp": "(0, inf)", "warmup_teacher_temp": "(0, inf)",
+    "warmup_teacher_temp_epochs": "[0, inf)", "student_temp": "(0, inf)", "center_momentum": "[0, 1]",
+    "koleo_weight": "[0, inf)", "ibot_weight": "[0, inf)", "ibot_out_dim": "[0, inf)",
+    "ibot_mask_sample_probability": "[0, 1]",
+    "epochs": "[1, inf)", "batch_size_per_gpu": "[1, inf)", "accum_steps": "[1, inf)", "lr": "(0, inf)",
+    "min_lr": "[0, inf)", "warmup_epochs": "[0, inf)", "weight_decay": "[0, inf)", "weight_decay_end": "[0, inf)",
+    "clip_grad": "[0, inf)", "freeze_last_layer": "[0, inf)",
+    "local_crops_number": "[0, inf)", "global_crops_size": "[1, inf)", "local_crops_size": "[1, inf)",
+    "num_workers": "[0, inf)", "seed": "[0, inf)", "max_steps": "[0, inf)", "time_budget_min": "[0, inf)",
+    "checkpoint_every": "[1, inf)", "saveckp_freq": "[0, inf)", "log_every": "[1, inf)", "knn_every_min": "[0, inf)",
+    "knn_k": "[1, inf)", "eval_size": "[0, inf)", "local_rank": "[0, inf)",
+}
+
+
+def in_range(value: float, rule: str) -> bool:
+    """``value`` lies in the interval ``rule`` (RANGES notation) and is finite."""
+    lo, hi = (x.strip() for x in rule[1:-1].split(","))
+    if not math.isfinite(value):
+        return False
+    above = value >= float(lo) if rule[0] == "[" else value > float(lo)
+    below = value <= float(hi) if rule[-1] == "]" else value < float(hi)
+    return above and below
+
+
 # The official main_dino.py flags (name, type and default are the official ones, except where a
 # field's docstring says how and why it differs).
 OFFICIAL_FLAGS = (
@@ -44,7 +84,25 @@ OFFICIAL_FLAGS = (
 class TrainConfig:
     """Everything a run is built from; immutable (a changed run is a new config, ``replace``)."""
 
-    # --- model ---------------------------------------------------------------
+    # --- data -------------------------------------------------------------------
+    data_path: str = ""
+    """ImageFolder root (folder per class); required (the official default is a placeholder path)."""
+    val_path: str = ""
+    """Labeled ImageFolder root for k-NN evaluation (optional)."""
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    """Scale range of the 2 global crops."""
+    local_crops_number: int = 8
+    """Number of local crops."""
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    """Scale range of the local crops."""
+    global_crops_size: int = 224
+    """Side of the global crops in pixels."""
+    local_crops_size: int = 96
+    """Side of the local crops in pixels."""
+    num_workers: int = 10
+    """Loader worker processes (threads for DALI)."""
+
+    # --- model ------------------------------------------------------------------
     arch: str = "vit_small"
     """Backbone: vit_tiny | vit_small | vit_base (deit_tiny / deit_small: official aliases) | resnet50."""
     patch_size: int = 16
@@ -63,11 +121,8 @@ class TrainConfig:
     """Fix the weight-norm gain of the head's last layer to 1 (stabilises training)."""
     use_bn_in_head: bool = False
     """BatchNorm after the hidden linears of the head (official; meant for convnets)."""
-    attn_backend: str = "auto"
-    """Attention kernel: auto (the fastest that runs here, logged at start) | sdpa | varlen | flex | xformers | math."""
-    packed_multicrop: bool = False
-    """Run all crops in one backbone pass with a block-diagonal mask."""
-    # --- DINO loss / teacher -------------------------------------------------
+
+    # --- loss -------------------------------------------------------------------
     momentum_teacher: float = 0.996
     """Base EMA momentum of the teacher, cosine-scheduled to 1."""
     teacher_temp: float = 0.04
@@ -94,12 +149,8 @@ class TrainConfig:
     """iBOT: range of the fraction of patches masked in a masked sample."""
     ibot_mask_sample_probability: float = 0.5
     """iBOT: fraction of the global-view samples that are masked."""
-    loss_impl: str = "auto"
-    """DINO loss: auto (fused Triton kernel on CUDA) | triton | torch | fused_head (the head's last layer
-    fused into the loss: the B x V x K student logits are never written)."""
-    ema_impl: str = "auto"
-    """Teacher EMA implementation: auto | triton | foreach."""
-    # --- optimisation --------------------------------------------------------
+
+    # --- optimisation -----------------------------------------------------------
     epochs: int = 100
     """Training epochs."""
     batch_size_per_gpu: int = 64
@@ -122,38 +173,40 @@ class TrainConfig:
     """Epochs during which the head's last layer is not updated."""
     optimizer: str = "adamw"
     """Optimizer: adamw | sgd | lars (LARS as the official: no decay or adaptation on biases and norms)."""
-    # --- data ----------------------------------------------------------------
-    data_path: str = ""
-    """ImageFolder root (folder per class); required (the official default is a placeholder path)."""
-    val_path: str = ""
-    """Labeled ImageFolder root for k-NN evaluation (optional)."""
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    """Scale range of the 2 global crops."""
-    local_crops_number: int = 8
-    """Number of local crops."""
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    """Scale range of the local crops."""
-    global_crops_size: int = 224
-    """Side of the global crops in pixels."""
-    local_crops_size: int = 96
-    """Side of the local crops in pixels."""
+    use_fp16: bool = False
+    """Official flag: fp16 autocast + GradScaler (= --precision fp16). Official default true; here
+    false, because --precision auto already runs bf16 on CUDA, which needs no loss scaling."""
+
+    # --- engine -----------------------------------------------------------------
+    attn_backend: str = "auto"
+    """Attention kernel: auto (the fastest that runs here, logged at start) | sdpa | varlen | flex | xformers | math."""
+    packed_multicrop: bool = False
+    """Run all crops in one backbone pass with a block-diagonal mask."""
+    loss_impl: str = "auto"
+    """DINO loss: auto (fused Triton kernel on CUDA) | triton | torch | fused_head (the head's last layer
+    fused into the loss: the B x V x K student logits are never written)."""
+    ema_impl: str = "auto"
+    """Teacher EMA implementation: auto | triton | foreach."""
     data_backend: str = "auto"
     """Loader: auto (DALI where it is installed, on GPU or CPU) | dali | torchvision."""
-    num_workers: int = 10
-    """Loader worker processes (threads for DALI)."""
-    # --- run -----------------------------------------------------------------
+    precision: str = "auto"
+    """The compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32;
+    training, the loader's views and the evaluations all use it (``use_fp16 true`` sets fp16)."""
+    compile: bool = False
+    """torch.compile the backbone blocks."""
+    fsdp: bool = False
+    """Shard student and teacher with FSDP2 even on one process (always on under torchrun with > 1 rank)."""
+    activation_checkpointing: bool = False
+    """Recompute the student's block activations in backward (less memory, about one more forward of compute)."""
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN): resume is
+    then bit-identical on CUDA too. Costs speed on CUDA (deterministic cuBLAS/cuDNN/scatter kernels)."""
+
+    # --- run --------------------------------------------------------------------
     output_dir: str = "."
     """Where checkpoints, metrics.csv, log.txt and TensorBoard logs go (one run per folder: locked)."""
     seed: int = 0
     """Seed of everything (model init, data order, augmentations)."""
-    precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32."""
-    use_fp16: bool = False
-    """Official flag: fp16 autocast + GradScaler (= --precision fp16). Official default true; here
-    false, because --precision auto already runs bf16 on CUDA, which needs no loss scaling."""
-    deterministic: bool = False
-    """Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN): resume is
-    then bit-identical on CUDA too. Costs speed on CUDA (deterministic cuBLAS/cuDNN/scatter kernels)."""
     max_steps: int = 0
     """Stop after this many steps (0: run all epochs); schedules still span all epochs."""
     time_budget_min: float = 0.0
@@ -173,15 +226,14 @@ class TrainConfig:
     eval_size: int = 0
     """Resize+center-crop side for k-NN features (0: global_crops_size)."""
     resume: str = ""
-    """'' (fresh), 'auto' (newest checkpoint in output_dir) or a checkpoint path."""
-    compile: bool = False
-    """torch.compile the backbone blocks."""
-    fsdp: bool = False
-    """Shard student and teacher with FSDP2 even on one process (always on under torchrun with > 1 rank)."""
-    activation_checkpointing: bool = False
-    """Recompute the student's block activations in backward (less memory, about one more forward of compute)."""
+    """'' (fresh), 'auto' (newest readable checkpoint in output_dir) or a checkpoint path."""
+    allow_data_change: bool = False
+    """Resume on other data, classes or batch than the checkpoint was trained on (re-planned, logged);
+    without it such a resume stops and says what differs."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    wandb_project: str = ""
+    """Also log the metrics to this Weights & Biases project (needs `pip install wandb`; '' = off)."""
     dist_url: str = "env://"
     """Official flag, accepted: torchrun's environment sets up the process group."""
     local_rank: int = 0
@@ -204,22 +256,13 @@ class TrainConfig:
                 if getattr(self, name) % self.patch_size:
                     raise ConfigError(f"config {name}={getattr(self, name)} is not a multiple of "
                                       f"patch_size={self.patch_size}")
-        positive = ("out_dim", "epochs", "batch_size_per_gpu", "accum_steps", "lr", "checkpoint_every", "log_every",
-                    "student_temp", "teacher_temp", "warmup_teacher_temp", "knn_k")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config {name}={getattr(self, name)}: must be > 0")
-        nonneg = ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
-                  "max_steps", "time_budget_min", "depth", "clip_grad", "num_workers", "knn_every_min", "drop_path_rate",
-                  "min_lr", "weight_decay", "weight_decay_end", "saveckp_freq", "koleo_weight", "local_rank",
-                  "ibot_weight", "ibot_out_dim")
-        for name in nonneg:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"config {name}={getattr(self, name)}: must be >= 0")
-        if not 0 <= self.momentum_teacher <= 1 or not 0 <= self.center_momentum <= 1:
-            raise ConfigError("config momentum_teacher and center_momentum must lie in [0, 1]")
+        for name, rule in RANGES.items():
+            if not in_range(getattr(self, name), rule):
+                raise ConfigError(f"config {name}={getattr(self, name)}: must be a finite number in {rule}")
         if self.use_fp16 and self.precision not in ("auto", "fp16"):
             raise ConfigError(f"config use_fp16=true contradicts precision={self.precision!r}: give one of them")
+        if self.use_fp16:  # the official flag is one way of saying precision fp16: one name from here on
+            object.__setattr__(self, "precision", "fp16")
         if self.packed_multicrop and self.arch.startswith("resnet"):
             raise ConfigError("config packed_multicrop=true needs a ViT (token sequences); resnet50 runs one "
                               "pass per resolution: drop --packed_multicrop")
@@ -236,18 +279,13 @@ class TrainConfig:
             if not self.ibot_separate_head and self.ibot_out_dim not in (0, self.out_dim):
                 raise ConfigError("config ibot_out_dim differs from out_dim but the DINO head is shared: set "
                                   "ibot_separate_head true")
-            if self.loss_impl == "fused_head" and not self.ibot_separate_head:
+            if fuses_last_layer(self.loss_impl) and not self.ibot_separate_head:
                 raise ConfigError("config loss_impl fused_head with a shared iBOT head: the patch logits need the "
                                   "head's last layer; set ibot_separate_head true or another loss_impl")
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             if getattr(self, name) < 1e-3:
                 warnings.warn(f"config {name}={getattr(self, name)} is below 1e-3: logits / temperature will "
                               f"overflow fp32 softmax inputs (official values: 0.04-0.1)", UserWarning, stacklevel=3)
-
-    @property
-    def amp_precision(self) -> str:
-        """``precision`` with the official ``use_fp16`` folded in."""
-        return "fp16" if self.use_fp16 else self.precision
 
     @property
     def backbone_arch(self) -> str:
@@ -267,13 +305,34 @@ class TrainConfig:
         names = [f.name for f in fields(cls)]
         for key in d:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+                raise ConfigError(f"unknown config key '{key}' in {source}{suggest(key, names)}")
         return cls(**{k: _coerce(cls, k, v, source) for k, v in d.items()})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **changes})
+
+
+def field_docs() -> dict[str, tuple[str, str]]:
+    """Field name -> (its section: data | model | loss | optimisation | engine | run, its docstring),
+    read from this file's source (the one place they are written; ``-h`` shows them)."""
+    import inspect
+    import re
+
+    out: dict[str, tuple[str, str]] = {}
+    section = ""
+    src = inspect.getsource(TrainConfig)
+    for m in re.finditer(r'^    # --- (\w+) -+$|^    (\w+): [^\n]+\n    """(.*?)"""', src, re.M | re.S):
+        if m.group(1):
+            section = m.group(1)
+        else:
+            out[m.group(2)] = (section, " ".join(m.group(3).split()))
+    return out
+
+
+def suggest(word: str, choices: list[str], prefix: str = "") -> str:
+    """`` (did you mean '<prefix><closest>'?)`` for the closest of ``choices``, or ''."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _field_type(cls: type, name: str) -> str:
@@ -337,6 +396,22 @@ def _read_yaml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     TrainConfig.from_dict(loaded, source=str(p))  # key check with the file named
     data = _read_yaml(base, seen + (p.resolve(),)) if base else {}
     return {**data, **loaded}
+
+
+def write_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """``cfg`` as a YAML file that :func:`load_config` reads back equal (written atomically)."""
+    import os
+    import tempfile
+
+    import yaml
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write("# the resolved config of this run (dino-fast train --config <this file> runs it again)\n")
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+    return path
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -2,8 +2,8 @@
 (``dino-fast: error: ...``, exit status 2); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
-__all__ = ["DinoFastError", "ConfigError", "DataError", "CheckpointError", "PretrainedError",
-           "NonFiniteLossError", "RunLockError"]
+__all__ = ["DinoFastError", "ConfigError", "DataError", "CheckpointError", "UnreadableCheckpointError",
+           "CheckpointSaveError", "PretrainedError", "NonFiniteLossError", "RunLockError"]
 
 
 class DinoFastError(Exception):
@@ -20,6 +20,15 @@ class DataError(DinoFastError, ValueError):
 
 class CheckpointError(DinoFastError, ValueError):
     """A checkpoint cannot be read or does not fit this run (format, keys, shapes)."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint's files are damaged: not readable, truncated, missing, or holding a value that
+    is not plain tensor data (``--resume auto`` then falls back to the previous checkpoint)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (disk full, permission, I/O); the previous one is intact."""
 
 
 class PretrainedError(DinoFastError, ValueError):

@@ -14,6 +14,15 @@ a ResNet, or a head built with ``use_bn``), so its keys read ``backbone.*`` / ``
 for a ViT and ``module.backbone.*`` for a ResNet. :func:`to_official_checkpoint` adds
 exactly those prefixes to plain ``MultiCropWrapper`` state dicts.
 
+Position embeddings are written on the official 224-px grid (:func:`to_official_grid`): the
+official models are built with ``img_size=224`` whatever the crop size (``main_dino.py``, the
+eval scripts, ``hubconf.py``) and load ``pos_embed`` strictly by shape, so a run trained on
+32-px crops (a 2x2 or 4x4 grid) is resized with the official bicubic +0.1 rule
+(:func:`dino_fast.models.interpolate_pos_encoding`, what our model does itself at 224 px).
+The official model then gives our features exactly at 224 px, the size its eval scripts use,
+and approximately at the training size, where it interpolates the grid back (bicubic up then
+down is not the identity).
+
 ``args`` is stored as a plain dict, not the official ``argparse.Namespace``: since torch 2.6
 ``torch.load`` defaults to ``weights_only=True``, which refuses a Namespace, and the official
 ``utils.load_pretrained_weights`` calls ``torch.load(path, map_location="cpu")`` on the whole
@@ -22,6 +31,7 @@ official code reads ``args`` back.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +39,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["to_official_checkpoint", "save_official_checkpoint", "official_args"]
+__all__ = ["to_official_checkpoint", "save_official_checkpoint", "official_args", "to_official_grid",
+           "describe_official_grid", "OFFICIAL_IMG_SIZE"]
+
+# official vision_transformer.py: ``img_size=[224]``, the size every official builder uses
+OFFICIAL_IMG_SIZE = 224
 
 # Wrapper names that are not part of the official keys: DDP at the front, torch.compile anywhere.
 _DDP, _COMPILE = "module.", "_orig_mod."
@@ -65,6 +79,50 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def _grids(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[int, int] | None:
+    """(trained grid side, official grid side) of the ViT state dict ``sd`` (keys under ``prefix``,
+    DDP / compile prefixes allowed), None for a convnet (no ``pos_embed``)."""
+    wanted = (prefix + "pos_embed", prefix + "patch_embed.proj.weight")
+    plain = {key: v for k, v in sd.items()
+             if (key := (k[len(_DDP):] if k.startswith(_DDP) else k).replace(_COMPILE, "")) in wanted}
+    pos, proj = plain.get(wanted[0]), plain.get(wanted[1])
+    if pos is None or proj is None:
+        return None
+    n = pos.shape[1] - 1
+    side = math.isqrt(n)
+    if pos.ndim != 3 or side * side != n:
+        raise ValueError(f"{prefix}pos_embed has shape {tuple(pos.shape)}, expected (1, 1 + g*g, D)")
+    return side, OFFICIAL_IMG_SIZE // int(proj.shape[-1])
+
+
+def to_official_grid(sd: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """``sd`` with ``{prefix}pos_embed`` on the official 224-px grid (224 // patch per side),
+    bicubically resized with the official +0.1 rule when it was trained on another grid
+    (computed in fp32, stored in its own dtype); other entries and convnets unchanged."""
+    from dino_fast.models import interpolate_pos_encoding
+
+    out = dict(sd)
+    grids = _grids(sd, prefix)
+    if grids is not None and grids[0] != grids[1]:
+        pos = sd[prefix + "pos_embed"]
+        with torch.no_grad():
+            resized = interpolate_pos_encoding(pos.detach().float(), grids[1], grids[1])
+        out[prefix + "pos_embed"] = resized.to(pos.dtype).contiguous()
+    return out
+
+
+def describe_official_grid(sd: Mapping[str, torch.Tensor], prefix: str = "") -> str:
+    """What :func:`to_official_grid` does to ``sd``, in words (the line an export prints)."""
+    grids = _grids(sd, prefix)
+    if grids is None:
+        return "no pos_embed (a convnet): nothing resized"
+    src, dst = grids
+    if src == dst:
+        return f"pos_embed kept on its {dst}x{dst} grid (the official {OFFICIAL_IMG_SIZE}-px models' own)"
+    return (f"pos_embed resized {src}x{src} -> {dst}x{dst} (official bicubic) for the official "
+            f"{OFFICIAL_IMG_SIZE}-px models")
 
 
 def _has_batchnorm(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -129,9 +187,14 @@ def to_official_checkpoint(student_sd: Mapping[str, torch.Tensor], teacher_sd: M
     ``epoch``), where a restart resumes. ``args_dict``: the run's arguments (official
     names), stored as a dict (:func:`official_args`). ``dino_loss_sd``: holds ``center``.
     ``fp16_scaler_sd``: a ``GradScaler`` state dict, stored only when given.
-    Every tensor is a detached CPU copy."""
+    Every tensor is a detached CPU copy. ``pos_embed`` is written on the official 224-px grid
+    (:func:`to_official_grid`); when that resizes it, the optimizer state is left out
+    (``{"state": {}, "param_groups": []}``): its ``pos_embed`` moments are on the trained grid,
+    and no official reader of the file uses them (the eval scripts read the models only)."""
     student = _plain_model_keys(student_sd, "student_sd")
     teacher = _plain_model_keys(teacher_sd, "teacher_sd")
+    resized = (grids := _grids(student, "backbone.")) is not None and grids[0] != grids[1]
+    student, teacher = to_official_grid(student, "backbone."), to_official_grid(teacher, "backbone.")
     if not isinstance(optimizer_sd, Mapping) or not {"state", "param_groups"} <= set(optimizer_sd):
         raise ValueError("to_official_checkpoint: optimizer_sd must be an optimizer state dict "
                          "(with 'state' and 'param_groups')")
@@ -141,7 +204,7 @@ def to_official_checkpoint(student_sd: Mapping[str, torch.Tensor], teacher_sd: M
     save_dict: dict[str, Any] = {
         "student": {_DDP + k: v for k, v in student.items()},  # DDP-wrapped in every official run
         "teacher": {teacher_prefix + k: v for k, v in teacher.items()},
-        "optimizer": _to_cpu(dict(optimizer_sd)),
+        "optimizer": {"state": {}, "param_groups": []} if resized else _to_cpu(dict(optimizer_sd)),
         "epoch": int(epoch),
         "args": official_args(args_dict),
         "dino_loss": _to_cpu(dict(dino_loss_sd)),

@@ -3,6 +3,10 @@
 Imports are lazy so that ``import dino_fast`` works where Triton is missing, and
 so that ``TRITON_INTERPRET=1`` set by a caller (tests, CPU users) is seen when the
 kernels are first compiled.
+
+Each kernel is a torch custom op (``OP_NAMES``, registered when its kernel module is imported:
+:func:`load_ops`) with a fake implementation and, for the losses, an autograd formula: the
+wrappers below trace through torch.compile without a graph break and run under FakeTensorMode.
 """
 from __future__ import annotations
 
@@ -12,13 +16,25 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["has_triton", "triton_usable", "fused_dino_loss", "fused_dino_loss_from_probs", "fused_dino_head_loss",
-           "dino_loss_floor_bytes", "multi_tensor_ema_"]
+__all__ = ["OP_NAMES", "has_triton", "load_ops", "triton_usable", "fused_dino_loss", "fused_dino_loss_from_probs",
+           "fused_dino_head_loss", "dino_loss_floor_bytes", "multi_tensor_ema_"]
+
+OP_NAMES = ("dino_fast::dino_loss", "dino_fast::dino_head_loss", "dino_fast::scale_", "dino_fast::ema_")
 
 
 def has_triton() -> bool:
     """True when the triton package can be imported."""
     return importlib.util.find_spec("triton") is not None
+
+
+def load_ops() -> tuple[str, ...]:
+    """Import every kernel module, registering the custom ops; returns their names. The wrappers
+    import their module on first use, so only code that reaches ``torch.ops.dino_fast`` directly
+    (opcheck, export) needs this."""
+    import dino_fast.kernels.dino_head_loss  # noqa: F401  (imports dino_loss and grad_scale)
+    import dino_fast.kernels.ema  # noqa: F401
+
+    return OP_NAMES
 
 
 def triton_usable(device: torch.device | str) -> bool:

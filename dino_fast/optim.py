@@ -99,17 +99,23 @@ def set_schedule_(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> Non
 
 
 @torch.no_grad()
-def clip_gradients_(model: nn.Module, clip: float) -> torch.Tensor | None:
+def clip_gradients_(model: nn.Module, clip: float) -> list[torch.Tensor] | None:
     """Official DINO clipping: each parameter's gradient scaled to norm <= ``clip``.
 
-    Done with foreach ops and no host sync (the official loop calls .item() per tensor).
+    The official loop, per parameter: ``coef = clip / (norm + 1e-6)`` (a float over a tensor,
+    which torch computes as ``reciprocal(norm + 1e-6) * clip``), then ``grad *= coef`` when
+    ``coef < 1``. Here the same values from six foreach ops over all gradients (norm, add,
+    reciprocal, mul, clamp_max at 1, mul: a factor of exactly 1 leaves a gradient unchanged, as
+    the official branch does), so the launches do not grow with the parameter count, and no host
+    sync (the official loop calls .item() per tensor).
     Sharded (FSDP2 ``DTensor``) gradients are clipped by the norm of the FULL parameter's
     gradient: the local squared norms of all of them are summed over the shard ranks in ONE
     all-reduce, then each shard is scaled by its parameter's factor.
     Safe after ``GradScaler.unscale_(optimizer)`` (the official fp16 order: unscale, clip,
     ``scaler.step``): it only rescales the already unscaled gradients in place; a step whose
     gradients hold inf/NaN is skipped by ``scaler.step`` from the inf check ``unscale_`` recorded.
-    Returns the per-parameter norms (for logging) or None when there is nothing to clip."""
+    Returns the per-parameter norms (device tensors, for logging) or None when there is nothing
+    to clip."""
     if clip <= 0:
         return None
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -117,13 +123,16 @@ def clip_gradients_(model: nn.Module, clip: float) -> torch.Tensor | None:
         return None
     dtensor = _dtensor_type()
     if dtensor is None or not any(isinstance(g, dtensor) for g in grads):
-        norms = torch._foreach_norm(grads)
+        norms = list(torch._foreach_norm(grads))
     else:
         norms = _full_norms(grads, dtensor)
         grads = [g.to_local() if isinstance(g, dtensor) else g for g in grads]
-    scales = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scales)
-    return torch.stack([n.float() for n in norms])
+    coefs = torch._foreach_add(norms, 1e-6)
+    torch._foreach_reciprocal_(coefs)
+    torch._foreach_mul_(coefs, clip)
+    torch._foreach_clamp_max_(coefs, 1.0)
+    torch._foreach_mul_(grads, coefs)
+    return norms
 
 
 def _dtensor_type() -> type | None:

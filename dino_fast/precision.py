@@ -8,7 +8,10 @@ import os
 
 import torch
 
-__all__ = ["compute_dtype", "autocast", "configure_determinism"]
+__all__ = ["PRECISIONS", "compute_dtype", "autocast", "configure_determinism"]
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -19,9 +22,9 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        return _DTYPES[precision]
     except KeyError:
-        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}") from None
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}") from None
 
 
 def autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:

@@ -1,4 +1,5 @@
-"""Load DINO backbone weights (ViT or ResNet) from any of the layouts in use, and export ours to them.
+"""Load DINO backbone weights (ViT or ResNet) from any of the layouts in use (writing ours in
+those layouts is :mod:`dino_fast.export`).
 
 Accepted by :func:`load_pretrained` (told apart by content, not file name):
 
@@ -14,21 +15,18 @@ Accepted by :func:`load_pretrained` (told apart by content, not file name):
   ``head.*`` is dropped with a note;
 - dino_fast's own training checkpoints (``"format": "dino_fast"``).
 
-Files are read with ``torch.load(weights_only=True)``; the only non-tensor
-globals allowed are ``argparse.Namespace`` (the official ``args`` entry) and the
-numpy array pieces of a saved numpy RNG state (dino_fast checkpoints). Nothing
-else is unpickled. Every failure is one :class:`PretrainedError` line.
+Files are read with ``torch.load(weights_only=True)`` and the one allowlist of
+:mod:`dino_fast.safe_load` (``argparse.Namespace``, the official ``args`` entry, and the
+numpy array pieces of a saved numpy RNG state). Nothing else is unpickled. Every failure
+is one :class:`PretrainedError` line.
 
 The official, timm and dino_fast backbone key names coincide (``cls_token``,
 ``pos_embed``, ``patch_embed.proj.*``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,
-norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``), so the exports are the backbone's own
-state dict, checked against that key set and copied to the CPU. The arch (ViT size,
-patch, depth, or ResNet depth) is read off the tensors. Writing the official training
-checkpoint layout is :mod:`dino_fast.official`.
+norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``). The arch (ViT size, patch, depth, image size
+of the position-embedding grid, or ResNet depth) is read off the tensors.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -43,15 +41,12 @@ import torch
 from torch import nn
 
 from dino_fast.errors import PretrainedError
-from dino_fast.models import ARCHS, build_backbone
-from dino_fast.models.resnet import (build_resnet, canonical_arch, infer_resnet_arch, is_resnet_arch,
-                                     is_resnet_state_dict)
-from dino_fast.official import save_official_checkpoint, to_official_checkpoint
+from dino_fast.models import (ARCHS, build_backbone, build_resnet, canonical_arch, infer_resnet_arch, is_resnet_arch,
+                              is_resnet_state_dict)
+from dino_fast.safe_load import torch_load_safe
 
 __all__ = ["PretrainedError", "load_pretrained", "load_backbone_weights_", "load_checkpoint_file", "infer_vit_config",
-           "detect_layout", "backbone_state_dict", "export_timm_state_dict", "export_official_backbone",
-           "timm_model_name", "save_timm_state_dict", "save_official_backbone", "to_official_checkpoint",
-           "save_official_checkpoint"]
+           "detect_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +58,6 @@ _CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc.")
 
 
 # --------------------------------------------------------------------------- reading files
-def _safe_globals() -> list[Any]:
-    """Globals torch.load may build besides tensors and containers: the official
-    checkpoint's ``args`` and the numpy RNG state (a uint32 array) of dino_fast
-    checkpoints."""
-    allowed: list[Any] = [argparse.Namespace]
-    try:
-        import numpy as np
-
-        try:
-            from numpy._core.multiarray import _reconstruct  # numpy >= 2
-        except ImportError:  # pragma: no cover - numpy 1.x
-            from numpy.core.multiarray import _reconstruct
-        allowed += [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    except ImportError:  # pragma: no cover - numpy is a torch dependency in practice
-        pass
-    return allowed
-
-
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -106,8 +83,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         except Exception as e:
             raise PretrainedError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_safe(path)
     except pickle.UnpicklingError as e:
         found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
         if found:
@@ -356,93 +332,3 @@ def load_backbone_weights_(model: nn.Module, path_or_state_dict: str | os.PathLi
     model.load_state_dict(sd, strict=True)
     log.info("loaded %s from %s into %s", desc, src, type(model).__name__)
     return model
-
-
-# --------------------------------------------------------------------------- export
-def _is_backbone_key(k: str) -> bool:
-    return k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
-                 "norm.bias") or bool(re.match(
-                     r"^blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$", k))
-
-
-def _is_resnet_key(k: str) -> bool:
-    return bool(re.match(r"^(conv1\.weight|bn1\.\w+|layer[1-4]\.\d+\.(conv\d|bn\d|downsample\.[01])\.\w+)$", k))
-
-
-def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's weights under the shared official/timm key names (ViT) or
-    torchvision's without ``fc`` (ResNet), detached CPU copies. Accepts the backbone or
-    a module holding it as ``.backbone`` (MultiCropWrapper); ``module.``/``_orig_mod.``
-    prefixes (DDP, compile) are stripped."""
-    inner = getattr(backbone, "module", backbone)
-    inner = getattr(inner, "_orig_mod", inner)
-    inner = getattr(inner, "backbone", inner)
-    if not isinstance(inner, nn.Module):
-        raise TypeError(f"expected a ViT backbone nn.Module, got {type(backbone).__name__}")
-    sd = inner.state_dict()
-    for prefix in _WRAPPER_PREFIXES:
-        sd = _strip_prefix(sd, prefix)
-    if is_resnet_state_dict(sd):
-        extra = sorted(k for k in sd if not _is_resnet_key(k))
-        if extra:
-            raise ValueError(f"{type(inner).__name__} is not a ResNet backbone with fc = Identity: keys "
-                             f"{_list(extra)}")
-        infer_resnet_arch(sd)
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
-    extra = sorted(k for k in sd if not _is_backbone_key(k))
-    if extra or "pos_embed" not in sd:
-        raise ValueError(f"{type(inner).__name__} is not a plain DINO ViT backbone: keys outside the official "
-                         f"layout {_list(extra)}" + ("" if "pos_embed" in sd else " and no pos_embed"))
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
-
-
-def export_timm_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict that ``timm.create_model(timm_model_name(backbone), num_classes=0)``
-    loads strictly (pass ``depth=`` too for non-standard depths)."""
-    return backbone_state_dict(backbone)
-
-
-def export_official_backbone(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict in the layout of the official released DINO backbone weights
-    (``dino_deitsmall16_pretrain.pth``, ``dino_resnet50_pretrain.pth``), loadable by the
-    official ``vit_small`` etc. or ``torchvision.models.resnet50()`` with ``fc = Identity``."""
-    return backbone_state_dict(backbone)
-
-
-def timm_model_name(backbone: nn.Module) -> str:
-    """timm's model name for this backbone, e.g. ``vit_small_patch16_224`` or ``resnet50``."""
-    sd = backbone_state_dict(backbone)
-    if is_resnet_state_dict(sd):
-        return infer_resnet_arch(sd)
-    cfg = infer_vit_config(sd, type(backbone).__name__)
-    return f"{cfg['arch']}_patch{cfg['patch_size']}_{cfg['img_size']}"
-
-
-def _atomic_save(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """``.safetensors`` via safetensors, anything else via torch.save; written to a
-    temp file beside ``path`` then renamed over it, so a crash leaves no torn file."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        try:
-            save_file(sd, str(tmp))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
-    from dino_fast.checkpoint import atomic_torch_save
-
-    return atomic_torch_save(sd, path)
-
-
-def save_timm_state_dict(backbone: nn.Module, path: str | os.PathLike) -> Path:
-    """Write :func:`export_timm_state_dict` to ``path`` atomically (.safetensors or torch.save)."""
-    return _atomic_save(export_timm_state_dict(backbone), path)
-
-
-def save_official_backbone(backbone: nn.Module, path: str | os.PathLike) -> Path:
-    """Write :func:`export_official_backbone` to ``path`` atomically (.safetensors or torch.save)."""
-    return _atomic_save(export_official_backbone(backbone), path)

@@ -14,6 +14,8 @@ import threading
 from types import FrameType
 from typing import Any
 
+from dino_fast.distributed import launch_rank
+
 __all__ = ["GracefulStop", "Interrupted"]
 
 
@@ -45,8 +47,9 @@ class GracefulStop:
                   flush=True)
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\ndino-fast: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              f"(send it again to exit now)", file=sys.stderr, flush=True)
+        if launch_rank() == 0:  # under torchrun every rank gets the signal; one line per run
+            print(f"\ndino-fast: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                  f"(send it again to exit now)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():

@@ -142,12 +142,15 @@ class TrainState:
     every rank. The data position is the step (the sample order is a function of (seed, epoch),
     resumable at any batch)."""
 
-    def __init__(self, config: dict[str, Any], plan: RunPlan, seed: int) -> None:
-        self.config, self.plan, self.seed = config, plan, seed
+    def __init__(self, config: dict[str, Any], plan: RunPlan, seed: int, data: dict[str, Any] | None = None) -> None:
+        self.config, self.plan, self.seed, self.data = config, plan, seed, data or {}
         self.step = 0
         self.train_seconds = 0.0
+        self.last_loss = float("nan")  # the loss of the last log row, kept for a resumed finished run
         self.saved_config: dict[str, Any] | None = None  # of the checkpoint last loaded
         self.saved_plan: RunPlan | None = None
+        self.saved_data: dict[str, Any] | None = None  # None: a checkpoint written before data was recorded
+        self.saved_world = get_world_size()
 
     @property
     def rng_key(self) -> str:
@@ -156,19 +159,23 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "step": self.step, "train_seconds": self.train_seconds,
                 "world_size": get_world_size(), "config": json.dumps(self.config, sort_keys=True),
-                "plan": json.dumps(self.plan.to_dict(), sort_keys=True),
+                "plan": json.dumps(self.plan.to_dict(), sort_keys=True), "data": json.dumps(self.data, sort_keys=True),
+                "last_loss": self.last_loss,
                 self.rng_key: (rng_state(),)}  # a tuple: one value per rank, not traversed by DCP
 
     def load_targets(self, saved_keys: set[str]) -> dict[str, Any]:
         keys = ["format", "step", "train_seconds", "world_size", "config", "plan"]
-        return {k: None for k in keys + ([self.rng_key] if self.rng_key in saved_keys else [])}
+        optional = ["data", "last_loss", self.rng_key]  # absent from older checkpoints
+        return {k: None for k in keys + [k for k in optional if k in saved_keys]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.train_seconds = float(state["train_seconds"])
         self.saved_config = json.loads(state["config"])
         self.saved_plan = RunPlan.from_dict(json.loads(state["plan"]))
-        saved_world = int(state["world_size"])
+        self.saved_data = json.loads(state["data"]) if state.get("data") is not None else None
+        self.last_loss = float(state["last_loss"]) if state.get("last_loss") is not None else float("nan")
+        saved_world = self.saved_world = int(state["world_size"])
         if saved_world == get_world_size() and state.get(self.rng_key) is not None:
             set_rng_state(state[self.rng_key][0])
         else:

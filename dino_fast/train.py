@@ -25,12 +25,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from dino_fast.checkpoint import Checkpointer, read_checkpoint_values
-from dino_fast.config import TrainConfig
+from dino_fast.checkpoint import Checkpointer
+from dino_fast.config import TrainConfig, write_config
 from dino_fast.data.build import build_train_data
 from dino_fast.distributed import get_rank, get_world_size, init_distributed, is_distributed, is_main_process
 from dino_fast.ema import TeacherEMA
-from dino_fast.errors import DataError, DinoFastError, NonFiniteLossError, RunLockError
+from dino_fast.eval.periodic import PeriodicKnn
+from dino_fast.errors import DataError, DinoFastError, NonFiniteLossError, RunLockError, UnreadableCheckpointError
 from dino_fast.metrics import MetricsWriter, progress_bar
 from dino_fast.models import build_models, describe_attention
 from dino_fast.objective import Objective
@@ -38,6 +39,7 @@ from dino_fast.optim import build_optimizer, cancel_last_layer_gradients_, clip_
 from dino_fast.parallel import all_reduce_max, check_config_agrees, init_single_process_group, parallelize
 from dino_fast.plan import RunPlan, TimeBudget
 from dino_fast.precision import autocast, compute_dtype, configure_determinism
+from dino_fast.resume import data_changes, mismatch_hint, plan_changes
 from dino_fast.runlock import RunLock, check_output_dir
 from dino_fast.signals import GracefulStop, Interrupted
 from dino_fast.state import ModelState, OptimizerState, TrainState
@@ -45,10 +47,6 @@ from dino_fast.state import ModelState, OptimizerState, TrainState
 __all__ = ["Trainer", "NonFiniteLossError", "train_main"]
 
 log = logging.getLogger("dino_fast")
-
-# Config keys that fix the model's shapes: named when a checkpoint does not fit.
-_MODEL_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "norm_last_layer",
-               "use_bn_in_head", "optimizer", "ibot_weight", "ibot_separate_head", "ibot_out_dim")
 
 
 class Trainer:
@@ -68,22 +66,21 @@ class Trainer:
         check_config_agrees(cfg)
         self.out = check_output_dir(cfg.output_dir)
         _seed_everything(cfg.seed)
-        self.dtype = compute_dtype(cfg.amp_precision, self.device)
-        self.data = build_train_data(cfg, self.device, self.rank, self.world, self.dtype)
+        self.compute_dtype = compute_dtype(cfg.precision, self.device)
+        self.data = build_train_data(cfg, self.device, self.rank, self.world, self.compute_dtype)
         niter = self.data.num_batches // cfg.accum_steps
         if niter < 1:
             raise DataError(f"{self.data.num_batches} batches per epoch is fewer than accum_steps={cfg.accum_steps}")
         self.plan = RunPlan.from_config(cfg, niter, self.world)
         self.student, self.teacher = build_models(cfg, self.device)
-        self.sharded = parallelize(self.student, self.teacher, cfg, self.device, self.dtype)
+        self.sharded = parallelize(self.student, self.teacher, cfg, self.device, self.compute_dtype)
         self.ema = TeacherEMA(self.student, self.teacher, impl=cfg.ema_impl)
         self.optimizer = build_optimizer(self.student, cfg.optimizer)
-        self.objective = Objective(cfg, self.plan, self.device, self.rank)
-        self.loss_fn = self.objective.dino
+        self.objective = Objective(cfg, self.device, self.rank)
         # fp16 needs loss scaling (bf16 has fp32's range and does not)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
-        self.state = TrainState(cfg.to_dict(), self.plan, cfg.seed)
-        self.checkpointer = Checkpointer(self.out)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None
+        self.state = TrainState(cfg.to_dict(), self.plan, cfg.seed, data=self.data.identity())
+        self.checkpointer = Checkpointer(self.out, every=cfg.checkpoint_every, snapshot_every=cfg.saveckp_freq)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         self._epoch_loss = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -116,11 +113,11 @@ class Trainer:
         """What runs and why, for the start-up log."""
         cfg = self.cfg
         attn = next((m for m in self.student.modules() if hasattr(m, "backend") and hasattr(m, "head_dim")), None)
-        attention = ("none (a convnet)" if attn is None else describe_attention(self.device, self.dtype, attn.head_dim)
+        attention = ("none (a convnet)" if attn is None else describe_attention(self.device, self.compute_dtype, attn.head_dim)
                      if cfg.attn_backend == "auto" else f"{cfg.attn_backend} (requested)")
         return [f"model: {self.cfg.arch}/{self.cfg.patch_size}, compute dtype "
-                f"{str(self.dtype).replace('torch.', '')}{', FSDP2' if self.sharded else ''}, "
-                f"{self.plan.total_steps} steps ({self.plan.epochs} epochs x {self.plan.niter_per_epoch})",
+                f"{str(self.compute_dtype).replace('torch.', '')}{', FSDP2' if self.sharded else ''}, "
+                f"{self.plan.stop_step} steps ({self.plan.run_epochs} epochs x {self.plan.niter_per_epoch})",
                 f"attention: {attention}",
                 f"loss: {self.objective.describe(self.device)}",
                 f"ema: {self.ema.impl}", f"loader: {self.data.describe()}"]
@@ -161,7 +158,7 @@ class Trainer:
         return loss
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.dtype, self.device)
+        return autocast(self.compute_dtype, self.device)
 
     def _reduced_stats(self, *extra: float) -> list[float]:
         """[loss sum since the last log averaged over ranks, any rank non-finite, *extra summed]:
@@ -191,6 +188,8 @@ class Trainer:
         with self._run_lock(), GracefulStop() as stop:
             if self.cfg.resume:
                 self.resume(self.cfg.resume)
+            if self.main:  # the resolved config beside the run: `--config <output_dir>/config.yaml` reads it
+                write_config(self.cfg, self.out / "config.yaml")
             if self.main:
                 for line in self.describe():
                     log.info("%s", line)
@@ -221,103 +220,99 @@ class Trainer:
                 lock.release()
 
     def _loop(self, stop: GracefulStop) -> dict[str, Any]:
-        cfg, accum = self.cfg, self.cfg.accum_steps
-        writer = MetricsWriter(self.out, enabled=self.main)
+        """Optimizer steps to the plan's end. After each: the time budget may re-size the plan,
+        then a log row, the epoch's log.txt line and a checkpoint, each when its owner says so
+        (the metrics writer, the periodic k-NN, the checkpointer)."""
+        writer = MetricsWriter(self.out, enabled=self.main, log_every=self.cfg.log_every, clock=self.clock,
+                               wandb_project=self.cfg.wandb_project, config=self.cfg.to_dict())
+        knn = PeriodicKnn.from_config(self.cfg, self.device, self.compute_dtype)
+        budget = self._time_budget()
+        bar = progress_bar(self.plan.stop_step, self.step, enabled=self.main and self.cfg.progress)
         self._last_log_step = self.step
-        budget = None
-        if cfg.time_budget_min > 0 and not self.plan.budget_sized:
-            budget = TimeBudget(cfg.time_budget_min, agree=lambda x: all_reduce_max(x, self.device))
-        t_log, n_log, last_knn_s = self.clock(), 0, self.state.train_seconds
-        epoch_sums = {"lr": 0.0, "wd": 0.0, "steps": 0}
-        bar = progress_bar(self.plan.stop_step, self.step, enabled=self.main and cfg.progress)
-        last_loss = float("nan")
-        track_knn = bool(cfg.knn_every_min and cfg.val_path)
-        if track_knn and self.step == 0:
-            writer.write({"step": 0, "epoch": 0, "train_min": 0.0, **self._knn_row()})  # the random-init baseline
-        t_step0 = self.clock()
         try:
-            while self.step < self.plan.stop_step:
-                micro: list[list[torch.Tensor]] = []
-                for views in self.data.epoch(self.epoch, (self.step % self.plan.niter_per_epoch) * accum):
-                    micro.append(views)
-                    if len(micro) < accum:
-                        continue
-                    values = self.plan.at(self.step)
-                    self.train_step(*micro)
-                    n_log += sum(v[0].shape[0] for v in micro) * self.world
-                    micro = []
-                    epoch_sums["lr"] += values.lr
-                    epoch_sums["wd"] += values.wd
-                    epoch_sums["steps"] += 1
-                    now = self.clock()
-                    self.state.train_seconds += now - t_step0
-                    if budget is not None and (sized := budget.observe(self.step, self.state.train_seconds,
-                                                                       self.plan)) is not None:
-                        self.set_plan(sized)
-                        bar.total = self.plan.stop_step
-                    done = self.step >= self.plan.stop_step
-                    epoch_end = self.step % self.plan.niter_per_epoch == 0
-                    # under torchrun the ranks agree to stop at a log step (a collective), else at once
-                    interrupt = stop.requested and not is_distributed()
-                    if self.step % cfg.log_every == 0 or done or epoch_end:
-                        loss_sum, nonfinite, stopping = self._reduced_stats(float(stop.requested))
-                        self._check_finite(nonfinite)
-                        interrupt = stopping > 0
-                        last_loss = loss_sum / max(1, self.step - self._last_log_step)
-                        self._loss_sum.zero_()
-                        img_s = n_log / max(now - t_log, 1e-9)
-                        v = self.plan.at(self.step - 1)
-                        row = dict(step=self.step, epoch=self.epoch, loss=last_loss, lr=v.lr, wd=v.wd,
-                                   momentum=v.momentum, teacher_temp=v.teacher_temp, img_per_s=img_s,
-                                   train_min=self.state.train_seconds / 60)
-                        if track_knn:
-                            run_s = all_reduce_max(self.state.train_seconds, self.device)  # ranks must agree
-                            if run_s - last_knn_s >= 60 * cfg.knn_every_min or done:
-                                row.update(self._knn_row())
-                                last_knn_s = run_s
-                        writer.write(row)
-                        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{img_s:.1f}")
-                        self._last_log_step = self.step
-                        t_log, n_log = self.clock(), 0
-                    if epoch_end:
-                        self._end_epoch(writer, epoch_sums)
-                    if self.step % cfg.checkpoint_every == 0 or done or epoch_end or interrupt:
-                        finished = self.epoch - 1 if epoch_end else None
-                        self.save(snapshot_epoch=finished if finished is not None and cfg.saveckp_freq
-                                  and finished % cfg.saveckp_freq == 0 else None)
-                    bar.update(1)
-                    if interrupt:
-                        raise Interrupted(stop.signum or 15, self.step, str(self._last_ckpt))
-                    t_step0 = self.clock()  # logging and saving are not training time
-                    if done:
-                        break
-        finally:
+            if knn is not None and self.step == 0:  # the random-init baseline
+                writer.write({"step": 0, "epoch": 0, "train_min": 0.0, **knn(self.teacher.backbone, 0, 0.0)})
+            t_step = self.clock()
+            for micro in self._step_batches():
+                values = self.plan.at(self.step)
+                self.train_step(*micro)
+                self.state.train_seconds += self.clock() - t_step
+                writer.observe_step(sum(v[0].shape[0] for v in micro) * self.world, values.lr, values.wd)
+                if budget is not None and (sized := budget.observe(self.step, self.state.train_seconds,
+                                                                   self.plan)) is not None:
+                    self.set_plan(sized)
+                    bar.total = self.plan.stop_step
+                done = self.step >= self.plan.stop_step
+                epoch_end = self.step % self.plan.niter_per_epoch == 0
+                # under torchrun the ranks agree to stop at a log step (a collective), else at once
+                interrupt = stop.requested and not is_distributed()
+                if writer.should_log(self.step, force=done or epoch_end):
+                    interrupt = self._log(writer, knn, stop.requested, done)
+                    bar.set_postfix(loss=f"{self.state.last_loss:.4f}")
+                if epoch_end:
+                    self._end_epoch(writer)
+                if self.checkpointer.should_save(self.step, force=done or epoch_end or interrupt):
+                    self.save(snapshot_epoch=self.checkpointer.snapshot_epoch(self.epoch - 1 if epoch_end else None))
+                bar.update(1)
+                if interrupt:
+                    raise Interrupted(stop.signum or 15, self.step, str(self._last_ckpt))
+                if done:
+                    break
+                t_step = self.clock()  # logging and saving are not training time
+        except BaseException:
             bar.close()
-            writer.close()
-        return {"steps": self.step, "epochs": self.epoch, "loss": last_loss,
+            writer.close(quiet=True)  # a close error (a full disk) must not hide what stopped the run
+            raise
+        bar.close()
+        writer.close()
+        return {"steps": self.step, "epochs": self.epoch, "loss": self.state.last_loss,
                 "train_minutes": self.state.train_seconds / 60,
                 "checkpoint": str(self._last_ckpt) if self._last_ckpt else None}
 
-    def _end_epoch(self, writer: MetricsWriter, sums: dict[str, float]) -> None:
-        """The official log.txt line of the epoch that just ended (averages over its steps)."""
-        n = max(1, int(sums["steps"]))
+    def _step_batches(self) -> Iterator[list[list[torch.Tensor]]]:
+        """The micro-batches (``accum_steps`` lists of views) of each optimizer step, from the
+        current step to the plan's end (which a time budget may move meanwhile), epoch after epoch."""
+        accum = self.cfg.accum_steps
+        while self.step < self.plan.stop_step:
+            micro: list[list[torch.Tensor]] = []
+            for views in self.data.epoch(self.epoch, (self.step % self.plan.niter_per_epoch) * accum):
+                micro.append(views)
+                if len(micro) == accum:
+                    yield micro
+                    micro = []
+                    if self.step >= self.plan.stop_step:
+                        return
+
+    def _time_budget(self) -> TimeBudget | None:
+        if self.cfg.time_budget_min <= 0:
+            return None  # a resumed budget run keeps its plan, and its budget goes on re-sizing it
+        return TimeBudget(self.cfg.time_budget_min, agree=lambda x: all_reduce_max(x, self.device))
+
+    def _log(self, writer: MetricsWriter, knn: PeriodicKnn | None, stop_requested: bool, done: bool) -> bool:
+        """One metrics row (one all-reduce, one host sync); returns whether any rank asked to stop."""
+        images_per_s = writer.images_per_s()
+        loss_sum, nonfinite, stopping = self._reduced_stats(float(stop_requested))
+        self._check_finite(nonfinite)
+        self.state.last_loss = loss_sum / max(1, self.step - self._last_log_step)
+        self._loss_sum.zero_()
+        v = self.plan.at(self.step - 1)
+        row = dict(step=self.step, epoch=self.epoch, loss=self.state.last_loss, lr=v.lr, wd=v.wd, momentum=v.momentum,
+                   teacher_temp=v.teacher_temp, img_per_s=images_per_s, train_min=self.state.train_seconds / 60)
+        if knn is not None:
+            run_s = all_reduce_max(self.state.train_seconds, self.device)  # the ranks must agree
+            if knn.due(run_s, done):
+                row.update(knn(self.teacher.backbone, self.step, run_s))
+        writer.write(row)
+        self._last_log_step = self.step
+        return stopping > 0
+
+    def _end_epoch(self, writer: MetricsWriter) -> None:
+        """The official log.txt line of the epoch that just ended."""
         loss = self._epoch_loss.clone()
         if is_distributed():
             torch.distributed.all_reduce(loss)
-        writer.write_epoch(self.epoch - 1, {"loss": loss.item() / self.world / n, "lr": sums["lr"] / n,
-                                            "wd": sums["wd"] / n})
+        writer.write_epoch(self.epoch - 1, loss_sum=loss.item() / self.world)
         self._epoch_loss.zero_()
-        sums.update(lr=0.0, wd=0.0, steps=0)
-
-    def _knn_row(self) -> dict[str, float]:
-        from dino_fast.eval.knn import knn_eval
-
-        size = self.cfg.eval_size or self.cfg.global_crops_size
-        res = knn_eval(self.teacher.backbone, self.cfg.data_path, self.cfg.val_path, size, ks=(self.cfg.knn_k,),
-                       num_workers=self.cfg.num_workers, device=self.device)
-        top1, top5 = res[self.cfg.knn_k]
-        log.info("step %d: k-NN (k=%d) top-1 %.2f top-5 %.2f", self.step, self.cfg.knn_k, top1, top5)
-        return {"knn_top1": top1, "knn_top5": top5}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, snapshot_epoch: int | None = None) -> Path:
@@ -329,43 +324,73 @@ class Trainer:
         if self.cfg.save_official_checkpoint:
             from dino_fast.export import write_official_checkpoint
 
-            write_official_checkpoint(self, snapshot_epoch)
+            write_official_checkpoint(  # collective: gathers the full models when sharded
+                self.out, student=self.student, teacher=self.teacher,
+                optimizer_sd=None if self.sharded else self.optimizer.state_dict(), epoch=self.epoch,
+                config=self.cfg.to_dict(), dino_loss_sd=self.objective.dino_loss.state_dict(),
+                scaler_sd=self.scaler.state_dict() if self.scaler is not None else None,
+                write=self.main, snapshot_epoch=snapshot_epoch)
         return self._last_ckpt
 
     def resume(self, which: str) -> None:
-        """``which``: 'auto' (newest in output_dir; fresh start if none) or a checkpoint path.
-        The checkpoint is checked (format, keys, shapes) before any state is touched."""
-        path = self.checkpointer.latest() if which == "auto" else Path(which)
-        if path is None:
+        """``which``: 'auto' (the newest readable checkpoint in output_dir; a fresh start if none) or
+        a checkpoint path. A checkpoint is checked (format, keys, shapes) before any state is
+        touched; with 'auto', a damaged newest one is skipped (and named) for the one before it."""
+        candidates = self.checkpointer.candidates() if which == "auto" else [Path(which)]
+        if not candidates:
             log.info("resume=auto: no checkpoint in %s, starting fresh", self.out)
             return
+        failures: list[str] = []
+        for path in candidates:
+            try:
+                self._load(path)
+                break
+            except UnreadableCheckpointError as e:
+                if which != "auto":
+                    raise
+                failures.append(str(e))
+                log.warning("resume=auto: skipping %s: %s", path.name, e)
+        else:
+            raise UnreadableCheckpointError(f"no readable checkpoint in {self.checkpointer.folder}: "
+                                            + "; ".join(failures))
+        self._continue_plan(path)
+        self._last_ckpt = path
+        if failures:
+            log.warning("resumed from %s, the newest readable checkpoint (%d newer skipped)", path, len(failures))
+        log.info("resumed from %s at step %d", path, self.step)
+        if self.step >= self.plan.stop_step:
+            log.info("the run in %s is finished (step %d of %d); its last logged loss was %.4f. Nothing to train: "
+                     "raise --epochs or --max_steps to train further", self.out, self.step, self.plan.stop_step,
+                     self.state.last_loss)
+
+    def _load(self, path: Path) -> None:
         if path.is_file():  # the single file of earlier versions: converted as it is read
             from dino_fast.checkpoint_legacy import load_legacy
 
             load_legacy(path, self.parts(), hint="")
         else:
-            self.checkpointer.load(path, self.parts(), hint=self._mismatch_hint(path))
-        saved = self.state.saved_plan
+            self.checkpointer.load(path, self.parts(), hint=mismatch_hint(path, self.cfg.to_dict()))
+
+    def _continue_plan(self, path: Path) -> None:
+        """Keep the saved plan (a time budget's size) when the run goes on as planned; stop, saying
+        what differs, when the data or the batch changed, unless ``allow_data_change``."""
+        st = self.state
+        changes = data_changes(st.saved_data, st.data) + plan_changes(
+            st.saved_plan, self.plan, st.saved_config, st.saved_world, self.cfg.to_dict(), self.world)
+        if changes and not self.cfg.allow_data_change:
+            raise DataError(f"--resume {path}: the run changed since that checkpoint: {'; '.join(changes)}. Resume "
+                            "with the same data and batch, or give --allow_data_change true to continue on these "
+                            "(the run is re-planned)")
+        if changes:
+            log.warning("data changed since %s (%s): re-planned, %d steps per epoch; step %d continues in epoch %d "
+                        "of %d", path, "; ".join(changes), self.plan.niter_per_epoch, self.step, self.epoch,
+                        self.plan.run_epochs)
+            return
+        if st.saved_data and st.saved_data["root"] != st.data["root"]:
+            log.info("the data moved: %s -> %s (the same files)", st.saved_data["root"], st.data["root"])
+        saved = st.saved_plan
         if saved is not None and saved.budget_sized and saved.niter_per_epoch == self.plan.niter_per_epoch:
             self.set_plan(saved)  # a time-budget run keeps the size it was given
-        self._last_ckpt = path
-        log.info("resumed from %s at step %d", path, self.step)
-
-    def _mismatch_hint(self, path: Path) -> str:
-        """'; the checkpoint has --arch vit_small, this run --arch vit_tiny' for model-shaping keys."""
-        try:
-            import json
-
-            saved = json.loads(read_checkpoint_values(path, {"train.config": ""})["train.config"])
-        except Exception:
-            return ""
-        ours = self.cfg.to_dict()
-        diff = [(k, saved[k], ours[k]) for k in _MODEL_KEYS if k in saved and saved[k] != ours[k]]
-        if not diff:
-            return ""
-        theirs = " ".join(f"--{k} {a}" for k, a, _ in diff)
-        mine = " ".join(f"--{k} {b}" for k, _, b in diff)
-        return f". The checkpoint was trained with {theirs}; this run has {mine}: change those flags"
 
 
 def _seed_everything(seed: int) -> None:

@@ -23,31 +23,20 @@ gradient. FLOPs are the unfused head's (one forward and two backward matmuls).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 
 from . import dino_loss as _dl
 from .grad_scale import scale_
 
-__all__ = ["fused_dino_head_loss", "DINOHeadLossFunction"]
+__all__ = ["fused_dino_head_loss"]
 
 _CHUNK_ELEMENTS = 1 << 26  # logits per chunk by default: 128 MB in bf16
 
 
-@dataclass(frozen=True)
-class _HeadConfig:
-    student_temp: float
-    teacher_temp: float
-    ncrops: int
-    n_global: int
-    chunk_images: int
-    compute_dtype: torch.dtype
-    grad_feats: bool
-    grad_weight: bool
-    block_k: int | None
-    split_k: int | None
+def _chunk_images(batch: int, ncrops: int, k: int) -> int:
+    """Images per chunk by default: equal chunks of at most ~_CHUNK_ELEMENTS logits."""
+    return triton.cdiv(batch, triton.cdiv(batch, max(1, _CHUNK_ELEMENTS // (ncrops * k))))
 
 
 def _accumulate_(acc: torch.Tensor, grad: torch.Tensor, feats: torch.Tensor, first: bool) -> None:
@@ -63,65 +52,82 @@ def _accumulate_(acc: torch.Tensor, grad: torch.Tensor, feats: torch.Tensor, fir
         acc.add_(torch.mm(grad.t(), feats))
 
 
-class DINOHeadLossFunction(torch.autograd.Function):
-    """Forward: loss, teacher column sums and the gradients wrt features and W; backward scales them.
+# ----------------------------------------------------------------------------- the op: dino_fast::dino_head_loss
+# A torch custom op (fake implementation + autograd formula) like kernels/dino_loss.py's; outputs
+# the call does not make are (0,) tensors.
 
+def _dino_head_loss_impl(feats, weight, teacher, center, student_temp, teacher_temp, ncrops, n_global, chunk_images,
+                         compute_dtype, grad_feats, grad_weight, block_k, split_k):
+    """(0-d loss, teacher column sums, dL/dfeats (V*B, D) in the features' dtype, dL/dW (K, D) fp32).
     ``teacher`` is logits (``center`` a tensor) or fp32 probabilities (``center`` None)."""
+    dev, cd, views, (rows, dim), k = feats.device, compute_dtype, ncrops, feats.shape, weight.shape[0]
+    batch = rows // views
+    # 1. teacher statistics of the whole batch: one read of the teacher logits (none for probabilities)
+    stats = None if center is None else _dl.dino_teacher_stats(teacher, center, teacher_temp, block_k=block_k,
+                                                               split_k=split_k)
+    write_grad = grad_feats or grad_weight
+    with torch.autocast(dev.type, enabled=False):
+        f = feats.detach().to(cd).reshape(views, batch, dim)
+        w = weight.detach().to(cd).contiguous()  # (K, D)
+        grad_f = _dl._empty((views, batch, dim), feats.dtype, dev) if grad_feats else feats.new_empty(0)
+        grad_w = _dl._empty((k, dim), torch.float32, dev) if grad_weight else feats.new_empty(0)
+        logits_buf = _dl._empty((views * min(batch, chunk_images), k), cd, dev)
+        total = None
+        for b0 in range(0, batch, chunk_images):
+            b1 = min(batch, b0 + chunk_images)
+            f_c = f[:, b0:b1].reshape(views * (b1 - b0), dim)  # (V*nb, D), the chunk's rows view-major
+            # 2. this chunk's logits
+            logits = logits_buf[: f_c.shape[0]]
+            torch.mm(f_c, w.t(), out=logits)
+            # 3. loss partials and dL/ds written over the logits
+            parts, g = _dl.dino_student_forward(logits, teacher, stats, student_temp, views, n_global,
+                                                teacher_offset=b0, write_grad=write_grad, inplace=True,
+                                                block_k=block_k, split_k=split_k)
+            total = parts.sum() if total is None else total + parts.sum()
+            # 4. back through the matmul, chunk by chunk
+            if grad_feats:
+                grad_f[:, b0:b1].copy_(torch.mm(g, w).reshape(views, b1 - b0, dim))
+            if grad_weight:
+                _accumulate_(grad_w, g, f_c, first=b0 == 0)
+    loss = total * (1.0 / (n_global * (views - 1) * batch))
+    col_sum = teacher.new_empty((0,), dtype=torch.float32) if stats is None else stats.col_sum
+    return loss, col_sum, grad_f.reshape(rows, dim) if grad_feats else grad_f, grad_w
 
-    @staticmethod
-    def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor | None,
-                cfg: _HeadConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-        dev, cd = feats.device, cfg.compute_dtype
-        views, (rows, dim), k = cfg.ncrops, feats.shape, weight.shape[0]
-        batch = rows // views
-        # 1. teacher statistics of the whole batch: one read of the teacher logits (none for probabilities)
-        stats = None if center is None else _dl.dino_teacher_stats(teacher, center, cfg.teacher_temp,
-                                                                   block_k=cfg.block_k, split_k=cfg.split_k)
-        write_grad = cfg.grad_feats or cfg.grad_weight
-        with torch.autocast(dev.type, enabled=False):
-            f = feats.detach().to(cd).reshape(views, batch, dim)
-            w = weight.detach().to(cd).contiguous()  # (K, D)
-            grad_f = _dl._empty((views, batch, dim), feats.dtype, dev) if cfg.grad_feats else None
-            grad_w = _dl._empty((k, dim), torch.float32, dev) if cfg.grad_weight else None
-            logits_buf = _dl._empty((views * min(batch, cfg.chunk_images), k), cd, dev)
-            total = None
-            for b0 in range(0, batch, cfg.chunk_images):
-                b1 = min(batch, b0 + cfg.chunk_images)
-                f_c = f[:, b0:b1].reshape(views * (b1 - b0), dim)  # (V*nb, D), the chunk's rows view-major
-                # 2. this chunk's logits
-                logits = logits_buf[: f_c.shape[0]]
-                torch.mm(f_c, w.t(), out=logits)
-                # 3. loss partials and dL/ds written over the logits
-                parts, g = _dl.dino_student_forward(logits, teacher, stats, cfg.student_temp, views, cfg.n_global,
-                                                    teacher_offset=b0, write_grad=write_grad, inplace=True,
-                                                    block_k=cfg.block_k, split_k=cfg.split_k)
-                total = parts.sum() if total is None else total + parts.sum()
-                # 4. back through the matmul, chunk by chunk
-                if grad_f is not None:
-                    grad_f[:, b0:b1].copy_(torch.mm(g, w).reshape(views, b1 - b0, dim))
-                if grad_w is not None:
-                    _accumulate_(grad_w, g, f_c, first=b0 == 0)
-        ctx.grads = (grad_f, grad_w) if write_grad else None
-        ctx.dtypes = (feats.dtype, weight.dtype)
-        loss = total * (1.0 / (cfg.n_global * (views - 1) * batch))
-        if stats is None:
-            return loss, None
-        ctx.mark_non_differentiable(stats.col_sum)
-        return loss, stats.col_sum
 
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, grad_col_sum: torch.Tensor | None):
-        if ctx.grads is None:
-            raise RuntimeError("fused_dino_head_loss: backward can run once per forward (the stored gradients are "
-                               "scaled in place); recompute the loss instead of retain_graph=True")
-        grad_f, grad_w = ctx.grads
-        ctx.grads = None
-        feats_dtype, weight_dtype = ctx.dtypes
-        if grad_f is not None:
-            grad_f = scale_(grad_f, grad_loss).reshape(-1, grad_f.shape[-1])
-        if grad_w is not None:
-            grad_w = scale_(grad_w, grad_loss).to(weight_dtype)
-        return grad_f, grad_w, None, None, None
+_dino_head_loss_op = torch.library.custom_op("dino_fast::dino_head_loss", _dino_head_loss_impl, mutates_args=(),
+                                             schema=(
+    "(Tensor student_feats, Tensor weight, Tensor teacher, Tensor? center, float student_temp, float teacher_temp, "
+    "int ncrops, int n_global, int chunk_images, ScalarType compute_dtype, bool grad_feats, bool grad_weight, "
+    "int? block_k, int? split_k) -> (Tensor, Tensor, Tensor, Tensor)"))
+
+
+@_dino_head_loss_op.register_fake
+def _(feats, weight, teacher, center, student_temp, teacher_temp, ncrops, n_global, chunk_images, compute_dtype,
+      grad_feats, grad_weight, *_):
+    return (feats.new_empty((), dtype=torch.float32),
+            feats.new_empty((0 if center is None else weight.shape[0],), dtype=torch.float32),
+            feats.new_empty(feats.shape if grad_feats else (0,)),
+            feats.new_empty(weight.shape if grad_weight else (0,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    # the gradients are intermediates: kept as attributes, freed in backward
+    ctx.grads = (output[2] if inputs[10] else None, output[3] if inputs[11] else None)
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss: torch.Tensor, *_unused: torch.Tensor):
+    if ctx.grads is None:
+        raise RuntimeError("fused_dino_head_loss: backward can run once per forward (the stored gradients are "
+                           "scaled in place); recompute the loss instead of retain_graph=True")
+    (grad_f, grad_w), ctx.grads = ctx.grads, None
+    grad_f = None if grad_f is None else scale_(grad_f, grad_loss)
+    grad_w = None if grad_w is None else scale_(grad_w, grad_loss).to(ctx.weight_dtype)
+    return (grad_f, grad_w) + (None,) * 12
+
+
+_dino_head_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(student_feats: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor, ncrops: int,
@@ -170,8 +176,7 @@ def fused_dino_head_loss(student_feats: torch.Tensor, weight: torch.Tensor, teac
     if center is None and teacher.dtype != torch.float32:
         raise TypeError(f"with center=None, teacher must hold fp32 probabilities, got {teacher.dtype}")
     if chunk_images is None:
-        per_chunk = max(1, _CHUNK_ELEMENTS // (ncrops * weight.shape[0]))
-        chunk_images = triton.cdiv(batch, triton.cdiv(batch, per_chunk))  # equal chunks
+        chunk_images = _chunk_images(batch, ncrops, weight.shape[0])
     elif isinstance(chunk_images, bool) or not isinstance(chunk_images, int) or chunk_images < 1:
         raise ValueError(f"chunk_images must be a positive integer, got {chunk_images!r}")
     if compute_dtype is None:
@@ -179,6 +184,8 @@ def fused_dino_head_loss(student_feats: torch.Tensor, weight: torch.Tensor, teac
         compute_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                          else torch.promote_types(student_feats.dtype, weight.dtype))
     grad = torch.is_grad_enabled()
-    cfg = _HeadConfig(float(student_temp), float(teacher_temp), ncrops, n_global, chunk_images, compute_dtype,
-                      grad and student_feats.requires_grad, grad and weight.requires_grad, block_k, split_k)
-    return DINOHeadLossFunction.apply(student_feats, weight, teacher, center, cfg)
+    loss, col_sum, _, _ = torch.ops.dino_fast.dino_head_loss(
+        student_feats, weight, teacher, center, float(student_temp), float(teacher_temp), ncrops, n_global,
+        chunk_images, compute_dtype, grad and student_feats.requires_grad, grad and weight.requires_grad, block_k,
+        split_k)
+    return loss, None if center is None else col_sum

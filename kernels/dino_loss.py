@@ -39,8 +39,8 @@ import triton.language as tl
 
 from .grad_scale import scale_
 
-__all__ = ["fused_dino_loss", "fused_dino_loss_from_probs", "dino_loss_floor_bytes", "DINOLossFunction",
-           "dino_teacher_stats", "dino_student_forward", "TeacherStats"]
+__all__ = ["fused_dino_loss", "fused_dino_loss_from_probs", "dino_loss_floor_bytes", "dino_teacher_stats",
+           "dino_student_forward", "TeacherStats"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET_BLOCK_K = 16384  # the CPU interpreter pays per block op, not per element: few, large blocks
@@ -174,26 +174,24 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_K"], -c.num_warps))]
 
 
-def _configs(*pairs: tuple[int, int]) -> list[triton.Config]:
-    """(BLOCK_K, num_warps) pairs; none above ~100 registers per thread on sm_90 (ptxas)."""
-    return [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in pairs]
+def _tuned(kernel, pairs: list[tuple[int, int]], key: list[str], **kw):
+    """Autotuned over (BLOCK_K, num_warps) pairs, none above ~100 registers per thread on sm_90 (ptxas);
+    keyed on ``key`` and, by Triton, the tensors' dtypes; results also cached on disk."""
+    return triton.autotune([triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in pairs], key=key,
+                           prune_configs_by={"early_config_prune": _prune}, cache_results=True, **kw)(kernel)
 
 
-# keyed on K, the range length, the rows per tile (teacher and student tiles differ) and, by Triton,
-# the tensors' dtypes; results also cached on disk
-_row_stats_tuned = triton.autotune(_configs((512, 4), (512, 8), (1024, 4), (1024, 8), (2048, 8), (4096, 8), (8192, 16)),
-                                   key=["K", "split_k", "BLOCK_R"],
-                                   prune_configs_by={"early_config_prune": _prune},
-                                   cache_results=True)(_dino_row_stats_kernel)
-_grad_tuned = triton.autotune(_configs((512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 16)),
-                              key=["K", "split_k", "V"],
-                              prune_configs_by={"early_config_prune": _prune},
-                              restore_value=["G_ptr"],  # the gradient may overwrite the logits
-                              cache_results=True)(_dino_grad_kernel)
+# row stats: keyed on K, the range length and the rows per tile (teacher and student tiles differ)
+_row_stats_tuned = _tuned(_dino_row_stats_kernel, [(512, 4), (512, 8), (1024, 4), (1024, 8), (2048, 8), (4096, 8),
+                                                   (8192, 16)], ["K", "split_k", "BLOCK_R"])
+# grad: no (512, 4), it spills on sm_90 (bench/aot_compile.py). Two tuners: only the in-place call (G aliases
+# S) needs each trial's overwritten logits restored, which clones G inside every timed call.
+_GRAD_CONFIGS = [(1024, 4), (1024, 8), (2048, 8), (4096, 16)]
+_grad_tuned = _tuned(_dino_grad_kernel, _GRAD_CONFIGS, ["K", "split_k", "V"])
+_grad_tuned_inplace = _tuned(_dino_grad_kernel, _GRAD_CONFIGS, ["K", "split_k", "V"], restore_value=["G_ptr"])
 
 
 # ----------------------------------------------------------------------------- launchers
-
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every buffer a kernel writes is allocated here (tests replace it with a NaN fill)."""
@@ -324,7 +322,7 @@ def dino_student_forward(student_output: torch.Tensor, teacher: torch.Tensor, st
     grad = (s if inplace else _empty((rows, k), s.dtype, dev)) if write_grad else None
     loss = _empty((batch, plan.n_split(k)), torch.float32, dev)
     n_split_t = 1 if stats is None else stats.max.shape[1]
-    _launch(_dino_grad_kernel, _grad_tuned, plan, (plan.n_split(k), batch),
+    _launch(_dino_grad_kernel, _grad_tuned_inplace if grad is s else _grad_tuned, plan, (plan.n_split(k), batch),
             s, s.stride(0), s_max, s_sum, s_max.stride(0), t, t.stride(0), t if stats is None else stats.center,
             t if stats is None else stats.max, t if stats is None else stats.sum, n_split_t,
             s if grad is None else grad, k, loss, loss.stride(0),
@@ -335,50 +333,53 @@ def dino_student_forward(student_output: torch.Tensor, teacher: torch.Tensor, st
     return loss, grad
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- the op: dino_fast::dino_loss
+# A torch custom op with a fake implementation and an autograd formula: torch.compile traces
+# through it (no graph break), FakeTensorMode propagates its shapes without running a kernel.
+# An output the call does not make is a (0,) tensor (a custom op returns tensors, never None).
+
+def _dino_loss_impl(student_output, teacher, center, student_temp, teacher_temp, ncrops, n_global, write_grad,
+                    inplace, block_k, split_k):
+    """(0-d loss, teacher column sums, gradient). ``teacher``: logits, or fp32 probabilities (``center``
+    None). ``inplace``: the gradient goes over contiguous logits (an undeclared write: eager only)."""
+    kw = dict(block_k=block_k, split_k=split_k)
+    stats = None if center is None else dino_teacher_stats(teacher, center, teacher_temp, **kw)
+    parts, grad = dino_student_forward(student_output, teacher, stats, student_temp, ncrops, n_global,
+                                       write_grad=write_grad, inplace=inplace, **kw)
+    loss = parts.sum() * (1.0 / (n_global * (ncrops - 1) * (student_output.shape[0] // ncrops)))  # no host sync
+    col_sum = teacher.new_empty((0,), dtype=torch.float32) if stats is None else stats.col_sum
+    own_grad = write_grad and not (inplace and student_output.is_contiguous())  # else the logits hold it
+    return loss, col_sum, grad if own_grad else student_output.new_empty(0)
 
 
-@dataclass(frozen=True)
-class _Config:
-    """The non-tensor arguments of one fused call (keeps ``apply``'s signature short)."""
-    student_temp: float
-    teacher_temp: float
-    ncrops: int
-    n_global: int
-    write_grad: bool
-    inplace: bool
-    block_k: int | None
-    split_k: int | None
+_dino_loss_op = torch.library.custom_op("dino_fast::dino_loss", _dino_loss_impl, mutates_args=(), schema=(
+    "(Tensor student_output, Tensor teacher, Tensor? center, float student_temp, float teacher_temp, int ncrops, "
+    "int n_global, bool write_grad, bool inplace, int? block_k, int? split_k) -> (Tensor, Tensor, Tensor)"))
 
 
-class DINOLossFunction(torch.autograd.Function):
-    """Forward: loss, teacher column sums, the student gradient; backward scales it. ``teacher``
-    is logits (``center`` a tensor) or fp32 probabilities (``center`` None)."""
+@_dino_loss_op.register_fake
+def _(student_output, teacher, center, student_temp, teacher_temp, ncrops, n_global, write_grad, inplace, *_):
+    own_grad = write_grad and not (inplace and student_output.is_contiguous())
+    return (student_output.new_empty((), dtype=torch.float32),
+            teacher.new_empty((0 if center is None else teacher.shape[1],), dtype=torch.float32),
+            student_output.new_empty(student_output.shape if own_grad else (0,)))
 
-    @staticmethod
-    def forward(ctx, student_output: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor | None,
-                cfg: _Config) -> tuple[torch.Tensor, torch.Tensor | None]:
-        stats = None if center is None else dino_teacher_stats(teacher, center, cfg.teacher_temp,
-                                                               block_k=cfg.block_k, split_k=cfg.split_k)
-        parts, grad = dino_student_forward(student_output, teacher, stats, cfg.student_temp, cfg.ncrops,
-                                           cfg.n_global, write_grad=cfg.write_grad, inplace=cfg.inplace,
-                                           block_k=cfg.block_k, split_k=cfg.split_k)
-        ctx.grad = grad  # an intermediate, not an input/output: kept as an attribute, freed in backward
-        batch = student_output.shape[0] // cfg.ncrops
-        loss = parts.sum() * (1.0 / (cfg.n_global * (cfg.ncrops - 1) * batch))  # on device: no host sync
-        if stats is None:
-            return loss, None
-        ctx.mark_non_differentiable(stats.col_sum)
-        return loss, stats.col_sum
 
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, grad_col_sum: torch.Tensor | None):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("fused_dino_loss: backward can run once per forward (the stored gradient is "
-                               "scaled in place); recompute the loss instead of retain_graph=True")
-        ctx.grad = None
-        return scale_(grad, grad_loss), None, None, None
+def _setup_context(ctx, inputs, output) -> None:
+    student_output, write_grad, grad = inputs[0], inputs[7], output[2]  # grad: (0,) when the logits hold it
+    ctx.grad = (grad if grad.numel() else student_output.detach()) if write_grad else None  # freed in backward
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_loss: torch.Tensor, _grad_col_sum: torch.Tensor, _grad_grad: torch.Tensor):
+    grad, ctx.grad = ctx.grad, None
+    if grad is None:
+        raise RuntimeError("fused_dino_loss: backward can run once per forward (the stored gradient is "
+                           "scaled in place); recompute the loss instead of retain_graph=True")
+    return (scale_(grad, grad_loss),) + (None,) * 10
+
+
+_dino_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_layout(student_output: torch.Tensor, teacher: torch.Tensor, ncrops: int, n_global: int) -> None:
@@ -397,6 +398,15 @@ def _check_layout(student_output: torch.Tensor, teacher: torch.Tensor, ncrops: i
     if s_rows != ncrops * (t_rows // n_global):
         raise ValueError(f"student_output has {s_rows} rows, expected ncrops*B = {ncrops}*{t_rows // n_global} "
                          f"(B from teacher_output's {t_rows} rows / n_global = {n_global})")
+
+
+def _call_op(student_output, teacher, center, student_temp, teacher_temp, ncrops, n_global, inplace, block_k, split_k):
+    ncrops, n_global = operator.index(ncrops), operator.index(n_global)
+    _check_layout(student_output, teacher, ncrops, n_global)
+    write_grad = student_output.requires_grad and torch.is_grad_enabled()
+    inplace = inplace and not torch.compiler.is_compiling()  # a compiled graph must see no undeclared write
+    return torch.ops.dino_fast.dino_loss(student_output, teacher, center, float(student_temp), float(teacher_temp),
+                                         ncrops, n_global, write_grad, inplace, block_k, split_k)
 
 
 def fused_dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
@@ -418,11 +428,9 @@ def fused_dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, 
         (loss, teacher_col_sum): 0-d fp32 loss with autograd to ``student_output`` (backward may
         run once), and (K,) fp32 column sums of ``teacher_output`` for the center update.
     """
-    ncrops, n_global = operator.index(ncrops), operator.index(n_global)
-    _check_layout(student_output, teacher_output, ncrops, n_global)
-    write_grad = student_output.requires_grad and torch.is_grad_enabled()
-    cfg = _Config(float(student_temp), float(teacher_temp), ncrops, n_global, write_grad, inplace, block_k, split_k)
-    return DINOLossFunction.apply(student_output, teacher_output, center, cfg)
+    loss, col_sum, _ = _call_op(student_output, teacher_output, center, student_temp, teacher_temp, ncrops, n_global,
+                                inplace, block_k, split_k)
+    return loss, col_sum
 
 
 def fused_dino_loss_from_probs(student_output: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float,
@@ -430,17 +438,13 @@ def fused_dino_loss_from_probs(student_output: torch.Tensor, teacher_probs: torc
                                split_k: int | None = None) -> torch.Tensor:
     """As :func:`fused_dino_loss` with the teacher probabilities given: (n_global*B, K) fp32 rows
     (e.g. Sinkhorn-Knopp's); no softmax, no column sums. Returns the 0-d fp32 loss."""
-    ncrops, n_global = operator.index(ncrops), operator.index(n_global)
-    _check_layout(student_output, teacher_probs, ncrops, n_global)
-    write_grad = student_output.requires_grad and torch.is_grad_enabled()
-    cfg = _Config(float(student_temp), 1.0, ncrops, n_global, write_grad, inplace, block_k, split_k)
-    return DINOLossFunction.apply(student_output, teacher_probs.to(torch.float32), None, cfg)[0]
+    return _call_op(student_output, teacher_probs.to(torch.float32), None, student_temp, 1.0, ncrops, n_global, inplace,
+                    block_k, split_k)[0]
 
 
 def dino_loss_floor_bytes(batch: int, ncrops: int, k: int, student_dtype: torch.dtype,
                           teacher_dtype: torch.dtype | None = None, n_global: int = 2) -> int:
     """Bytes floor of one forward + backward: read student and teacher logits once, write the
     student gradient once = 2*V*B*K*es + G*B*K*et (the module docstring's formula)."""
-    es = torch.empty((), dtype=student_dtype).element_size()
-    et = torch.empty((), dtype=teacher_dtype or student_dtype).element_size()
+    es, et = student_dtype.itemsize, (teacher_dtype or student_dtype).itemsize
     return 2 * ncrops * batch * k * es + n_global * batch * k * et

@@ -206,6 +206,60 @@ def build_ema_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tens
     return EMAPlan(_plan_key(teacher, student, chunk, block), device, groups)
 
 
+def _launch(plan: EMAPlan, m_ptr: torch.Tensor | None, m_value: float, block: int) -> None:
+    """One launch per (student dtype, alignment) group of ``plan``; the momentum from ``m_ptr`` when given."""
+    for s_dtype, aligned, table in plan.groups:
+        _ema_kernel[(table.shape[0],)](
+            table, table if m_ptr is None else m_ptr, m_value,
+            S_DTYPE=_TL_DTYPE[s_dtype], M_FROM_PTR=m_ptr is not None, ALIGNED=aligned, BLOCK=block,
+            num_warps=_NUM_WARPS,
+        )
+
+
+def _ema_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], m_ptr: torch.Tensor | None,
+          m_value: float, chunk: int, block: int, plans: dict) -> None:
+    """The update with the launch plan of these lists from ``plans`` (built and kept there on a miss)."""
+    try:
+        key = _plan_key(teacher, student, chunk, block)
+    except (TypeError, RuntimeError):
+        _check_lists(teacher, student)  # a non-tensor or a DTensor: say which one
+        raise
+    plan = plans.get(key)
+    if plan is None:
+        plan = build_ema_plan(teacher, student, chunk, block)
+        if len(plans) >= _MAX_PLANS:
+            plans.pop(next(iter(plans)))  # oldest first (dicts keep insertion order)
+        plans[key] = plan
+    if m_ptr is not None and m_ptr.device != plan.device:
+        raise ValueError(f"multi_tensor_ema_: momentum tensor is on {m_ptr.device}, parameters on {plan.device}")
+    if plan.groups:  # else every tensor is empty
+        with torch.cuda.device(plan.device) if plan.device.type == "cuda" else contextlib.nullcontext():
+            _launch(plan, m_ptr, m_value, block)
+
+
+# The torch custom op dino_fast::ema_ (mutates the teacher list; a fake implementation that only
+# checks the lists), so that torch.compile and FakeTensorMode trace through the update. Its launch
+# plans live in the module-wide cache.
+@torch.library.custom_op("dino_fast::ema_", mutates_args=("teacher",), schema=(
+    "(Tensor(a!)[] teacher, Tensor[] student, Tensor? momentum_tensor, float momentum, int chunk, int block) -> ()"))
+def _ema_op(teacher, student, momentum_tensor, momentum, chunk, block) -> None:
+    _ema_(teacher, student, momentum_tensor, momentum, chunk, block, _DEFAULT_PLANS)
+
+
+@_ema_op.register_fake
+def _(teacher, student, momentum_tensor, momentum, chunk, block) -> None:
+    device = _check_lists(teacher, student)
+    if momentum_tensor is not None and momentum_tensor.device != device:
+        raise ValueError(f"multi_tensor_ema_: momentum tensor is on {momentum_tensor.device}, parameters on {device}")
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Under torch.compile or FakeTensorMode: no addresses to build a plan from, the op's turn."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
 def multi_tensor_ema_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
                       momentum: float | torch.Tensor, *, cache: dict | None = None,
                       chunk: int = DEFAULT_CHUNK, block: int = DEFAULT_BLOCK) -> None:
@@ -218,7 +272,8 @@ def multi_tensor_ema_(teacher: Sequence[torch.Tensor], student: Sequence[torch.T
             the device: a momentum schedule neither recompiles nor syncs).
         cache: dict holding launch plans keyed on the lists' data_ptr/numel/dtype/contiguity
             (at most 8 kept); defaults to a module-wide one. A plan is rebuilt only when the
-            lists change. Pass your own dict to keep plans scoped to one owner.
+            lists change. Pass your own dict to keep plans scoped to one owner (eager calls;
+            under torch.compile or FakeTensorMode the op ``dino_fast::ema_`` uses the module's).
         chunk, block: elements per program and per loop step.
 
     Math in fp32; bytes floor per element: 12 B (fp32 student) or 10 B (bf16/fp16 student).
@@ -232,37 +287,21 @@ def multi_tensor_ema_(teacher: Sequence[torch.Tensor], student: Sequence[torch.T
         raise ValueError(f"multi_tensor_ema_: teacher has {len(teacher)} tensors but student has {len(student)}")
     if len(teacher) == 0:
         return
-    plans = _DEFAULT_PLANS if cache is None else cache
-    try:
-        key = _plan_key(teacher, student, chunk, block)
-    except (TypeError, RuntimeError):
-        _check_lists(teacher, student)  # a non-tensor or a DTensor: say which one
-        raise
-    plan = plans.get(key)
-    if plan is None:
-        plan = build_ema_plan(teacher, student, chunk, block)
-        if len(plans) >= _MAX_PLANS:
-            plans.pop(next(iter(plans)))  # oldest first (dicts keep insertion order)
-        plans[key] = plan
-    device = plan.device
     if isinstance(momentum, torch.Tensor):
         if momentum.numel() != 1 or not momentum.is_floating_point():
             raise ValueError(f"multi_tensor_ema_: momentum tensor must be a 1-element floating tensor, "
                              f"got shape {tuple(momentum.shape)} {momentum.dtype}")
-        if momentum.device != device:
-            raise ValueError(f"multi_tensor_ema_: momentum tensor is on {momentum.device}, parameters on {device}")
-        m_ptr, m_value, from_ptr = momentum, 0.0, True
+        m_ptr, m_value = momentum, 0.0
     elif isinstance(momentum, numbers.Real) and not isinstance(momentum, bool):
-        m_ptr, m_value, from_ptr = None, float(momentum), False
+        m_ptr, m_value = None, float(momentum)
     else:
         raise TypeError(f"multi_tensor_ema_: momentum must be a float or a 1-element tensor, "
                         f"got {type(momentum).__name__}")
-    if not plan.groups:
-        return  # every tensor is empty
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for s_dtype, aligned, table in plan.groups:
-            _ema_kernel[(table.shape[0],)](
-                table, m_ptr if from_ptr else table, m_value,
-                S_DTYPE=_TL_DTYPE[s_dtype], M_FROM_PTR=from_ptr, ALIGNED=aligned, BLOCK=block,
-                num_warps=_NUM_WARPS,
-            )
+    if cache is not None and isinstance(teacher[0], torch.Tensor) and not _traced(teacher[0]):
+        _ema_(teacher, student, m_ptr, m_value, chunk, block, cache)
+        return
+    try:
+        torch.ops.dino_fast.ema_(list(teacher), list(student), m_ptr, m_value, chunk, block)
+    except (TypeError, RuntimeError, NotImplementedError):
+        _check_lists(teacher, student)  # a non-tensor or a DTensor: say which one
+        raise

@@ -64,7 +64,7 @@ def legacy_checkpoint(trainer) -> dict:
     import numpy as np
 
     return {"format": "dino_fast", "student": trainer.student.state_dict(), "teacher": trainer.teacher.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(), "dino_loss": trainer.loss_fn.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(), "dino_loss": trainer.objective.dino_loss.state_dict(),
             "step": trainer.step, "epoch": trainer.epoch, "config": trainer.cfg.to_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
 

@@ -8,6 +8,7 @@ which exercises our packing, offsets and block mask; the real kernels run in the
 """
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dino_fast.models.attention as attention_mod
 import dino_fast.models.varlen as varlen_mod
@@ -53,6 +55,80 @@ def use_twins(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def twins(monkeypatch):
     use_twins(monkeypatch)
+
+
+# --- varlen_attn as an opaque op: what Dynamo and a dispatch mode see of the real kernel -------
+# The twin above is Python (per-segment loops, .tolist()); torch.compile and op counters must
+# instead meet one op with varlen_attn's signature, as on CUDA. Forward and backward run the twin.
+@torch.library.custom_op("dino_fast_tests::varlen_attn", mutates_args=())
+def _standin_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_q: torch.Tensor,
+                    cu_seq_k: torch.Tensor, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    return varlen_mod.varlen_attn_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale)
+
+
+@_standin_varlen.register_fake
+def _(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("dino_fast_tests::varlen_attn_backward", mutates_args=())
+def _standin_varlen_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             cu_seq_q: torch.Tensor, cu_seq_k: torch.Tensor, max_q: int, max_k: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # autograd is off inside a custom op: the attention backward written out, per segment
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bq, bk = cu_seq_q.tolist(), cu_seq_k.tolist()
+    for q0, q1, k0, k1 in zip(bq[:-1], bq[1:], bk[:-1], bk[1:]):
+        qs, ks, vs, go = (t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1], grad[q0:q1]))  # (H, n, Dh)
+        p = ((qs * scale) @ ks.transpose(-2, -1)).softmax(-1)  # (H, nq, nk)
+        dp = go @ vs.transpose(-2, -1)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq[q0:q1] = (scale * ds @ ks).transpose(0, 1)
+        dk[k0:k1] = (scale * ds.transpose(-2, -1) @ qs).transpose(0, 1)
+        dv[k0:k1] = (p.transpose(-2, -1) @ go).transpose(0, 1)
+    return dq, dk, dv
+
+
+@_standin_varlen_backward.register_fake
+def _(grad, q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _standin_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.args = inputs[5:]
+
+
+def _standin_grad(ctx, grad):
+    dq, dk, dv = _standin_varlen_backward(grad, *ctx.saved_tensors, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_standin_varlen.register_autograd(_standin_grad, setup_context=_standin_setup)
+
+
+def varlen_standin(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+    """A stand-in for ``torch.nn.attention.varlen.varlen_attn`` (same call) that runs on CPU as one
+    custom op with a fake implementation, so torch.compile traces it as it does the kernel."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return _standin_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+
+
+def use_varlen_standin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route the varlen backend to :func:`varlen_standin` (one opaque op per call)."""
+    monkeypatch.setattr(varlen_mod, "get_varlen_attn", lambda device: varlen_standin)
+
+
+class OpCounter(TorchDispatchMode):
+    """aten ops dispatched inside the context, by name (a custom op counts once, not its body)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func._schema.name.split("::")[-1]] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _pair(dim: int, heads: int, seed: int, device: torch.device, **kw) -> tuple[Attention, TimmAttention]:
@@ -115,6 +191,34 @@ def test_packed_equals_per_sequence(backend, seqlens, device, twins):
     grads_ref = torch.autograd.grad(expected, [x, *ref.parameters()], g)
     for (name, _), a, b in zip([("x", None), *ours.named_parameters()], grads, grads_ref):
         assert_close(a, b, name=f"{backend} grad {name}", **tol)
+
+
+@pytest.mark.parametrize("seqlens", [[5, 5, 3, 7, 1], None])
+def test_varlen_qkv_reach_the_kernel_without_copies(seqlens, monkeypatch):
+    """The varlen kernels read contiguous (T, H, Dh) q/k/v. Slices of one fused qkv output are
+    strided and took a copy each (3 per block, and their gradients); three GEMMs on the row
+    blocks of the fused weight write them contiguous: no copy or clone in the forward, and the
+    same values as sdpa."""
+    use_varlen_standin(monkeypatch)
+    ours, _ = _pair(48, 3, seed=9, device=torch.device("cpu"))
+    ours.backend = "varlen"
+    seqs = None if seqlens is None else PackedSeqlens(seqlens)
+    if seqs is not None:
+        seqs.cu_seqlens("cpu")  # built once per forward, before the blocks (DinoViT)
+    x = torch.randn(1 if seqlens else 3, sum(seqlens) if seqlens else 6, 48, requires_grad=True)
+    counter = OpCounter()
+    with counter:
+        out = ours(x, attn_mask=seqs)
+    copies = {op: n for op, n in counter.counts.items() if op in ("copy_", "clone", "contiguous")}
+    assert counter.counts["varlen_attn"] == 1 and not copies, f"copies in the forward: {copies}"
+    reference = copy.deepcopy(ours)
+    reference.backend = "sdpa"
+    assert_close(out, reference(x, attn_mask=seqs), name="varlen (stand-in) vs sdpa", rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *ours.parameters()], g)
+    grads_ref = torch.autograd.grad(reference(x, attn_mask=seqs), [x, *reference.parameters()], g)
+    for (name, _), a, b in zip([("x", None), *ours.named_parameters()], grads, grads_ref):
+        assert_close(a, b, name=f"varlen grad {name}", rtol=1e-5, atol=1e-5)
 
 
 # --- the twins themselves, checked against an independent formulation ----------------------

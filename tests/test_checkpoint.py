@@ -13,7 +13,7 @@ import torch
 import dino_fast.checkpoint as ckpt
 from dino_fast.checkpoint import Checkpointer, consolidate, latest_checkpoint
 from dino_fast.data.sampling import ResumableSampler
-from dino_fast.errors import CheckpointError
+from dino_fast.errors import CheckpointError, CheckpointSaveError, UnreadableCheckpointError
 from dino_fast.train import Trainer
 from tests.helpers import legacy_checkpoint
 from tests.test_train import _params, tiny_cfg
@@ -65,8 +65,10 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         raise RuntimeError("killed while writing")
 
     monkeypatch.setattr(ckpt.dcp, "save", dies)
-    with pytest.raises(RuntimeError, match="killed while writing"):
+    with pytest.raises(CheckpointSaveError, match="step-00000002 failed: RuntimeError: killed while writing.*"
+                                                  "step-00000001 is intact"):
         c.save({"model": Part(value=2.0), "train": _train_part(2)}, 2)
+    assert not (tmp_path / "checkpoints" / "step-00000002.tmp").exists()
     assert latest_checkpoint(tmp_path).name == "step-00000001"
     part = Part()
     c.load(latest_checkpoint(tmp_path), {"model": part, "train": _train_part(0)})
@@ -100,11 +102,12 @@ def test_crafted_value_runs_no_code(tmp_path):
 
     class Evil:
         def state_dict(self):
-            return {"format": ckpt.FORMAT, "step": _Payload(marker)}
+            return {**_train_part(1).state_dict(), "step": _Payload(marker)}
 
     c = Checkpointer(tmp_path)
     path = c.save({"model": Part(), "train": Evil()}, 1)
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(UnreadableCheckpointError, match=r"entry 'train.step' \(__0_0.distcp, refused: not plain "
+                                                        r"tensor data"):
         c.load(path, {"model": Part(), "train": _train_part(0)})
     assert not marker.exists()
 
@@ -156,7 +159,8 @@ def test_truncated_checkpoint_directory(demo_root, tmp_path):
     data = path / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[:1000])
     other = Trainer(tiny_cfg(demo_root, tmp_path / "o", max_steps=1))
-    with pytest.raises(CheckpointError, match=str(path)):
+    with pytest.raises(UnreadableCheckpointError, match=rf"{path}: __0_0.distcp is truncated: 1000 bytes, entry "
+                                                        r"'[\w.]+' ends at byte \d+"):
         other.resume(str(path))
 
 
@@ -200,3 +204,74 @@ def test_sampler_resume_and_shards():
 def test_sampler_too_small():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         ResumableSampler(3, batch_size=4)
+
+
+def test_disk_full_during_save_is_one_line_and_keeps_the_previous(demo_root, tmp_path, monkeypatch, capsys):
+    """Issue 29 row 2: a full disk at the second save: one line naming the checkpoint, the error and
+    the free space; the first checkpoint intact and resumable; the metrics files' own close error
+    (a full disk fails their flush too) does not replace it."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from dino_fast.cli import main
+    from dino_fast.metrics import MetricsWriter
+    from tests.test_cli import _tiny_flags
+
+    real_write, saves = fs._write_item, {"n": 0}
+
+    def full_disk(*args, **kw):
+        if (tmp_path / "o" / "checkpoints" / "step-00000002").exists():  # the first save is through
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(*args, **kw)
+
+    class FailingClose:  # metrics.csv whose final flush meets the full disk
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.ENOSPC, "No space left on device (flushing metrics.csv)")
+
+    real_init = MetricsWriter.__init__
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        self.file = FailingClose(self.file)
+
+    monkeypatch.setattr(fs, "_write_item", full_disk)
+    monkeypatch.setattr(MetricsWriter, "__init__", init)
+    argv = _tiny_flags(demo_root, tmp_path / "o", "--max_steps", "4", "--checkpoint_every", "2", "--log_every", "1")
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dino-fast")]
+    assert len(err) == 1, err
+    assert "saving checkpoint" in err[0] and "step-00000004 failed: OSError: [Errno 28] No space left" in err[0]
+    assert "GiB free on" in err[0] and "step-00000002 is intact" in err[0]
+    assert not (tmp_path / "o" / "checkpoints" / "step-00000004.tmp").exists()
+    monkeypatch.undo()
+    assert main(_tiny_flags(demo_root, tmp_path / "o", "--max_steps", "3", "--resume", "auto")) == 0
+    assert latest_checkpoint(tmp_path / "o").name == "step-00000003"
+
+
+def test_resume_auto_falls_back_past_a_damaged_newest(demo_root, tmp_path, caplog):
+    """Issue 29 row 9: the newest checkpoint unreadable -> the one before it, named in the log."""
+    first = Trainer(tiny_cfg(demo_root, tmp_path, max_steps=4, checkpoint_every=2))
+    first.fit()
+    newest = latest_checkpoint(tmp_path)
+    assert newest.name == "step-00000004"
+    data = newest / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:500])
+    import shutil
+
+    damaged = Path(shutil.copytree(newest, tmp_path / "damaged" / newest.name))
+    resumed = Trainer(tiny_cfg(demo_root, tmp_path, max_steps=5, checkpoint_every=2, resume="auto"))
+    with caplog.at_level("WARNING", logger="dino_fast"):
+        resumed.fit()
+    assert resumed.step == 5
+    assert any("skipping step-00000004" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    explicit = Trainer(tiny_cfg(demo_root, tmp_path / "x", max_steps=5))
+    with pytest.raises(UnreadableCheckpointError, match="truncated"):  # a named checkpoint is never swapped
+        explicit.resume(str(damaged))

@@ -138,9 +138,16 @@ def test_official_command_lines_start_training(demo_root, tmp_path, name):
 def test_help_shows_defaults_and_official_flags(capsys):
     with pytest.raises(SystemExit):
         main(["train", "-h"])
-    out = " ".join(capsys.readouterr().out.split())
-    assert "(default: 65536) [main_dino.py flag]" in out and "--use_fp16" in out and "--saveckp_freq" in out
-    assert "(default: 'adamw')" in out and "lars" in out and "--accum_steps" in out
+    raw = capsys.readouterr().out
+    out = " ".join(raw.split())
+    assert "[default: 65536; range [1, inf); main_dino.py flag]" in out and "--use_fp16" in out
+    assert "[default: 'adamw'; main_dino.py flag]" in out and "adamw|sgd|lars" in out and "--accum_steps" in out
+    groups = [ln[:-len(" options:")] for ln in raw.splitlines() if ln.endswith(" options:") and ln != "options:"]
+    assert groups == ["data", "model", "loss", "optimisation", "engine", "run"]  # issue 30 row 6: one group of 68
+    assert "--attn_backend" in raw.split("engine options:")[1].split("run options:")[0]
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    assert "``" not in capsys.readouterr().out  # no raw markup in the description
 
 
 def test_export_formats(demo_root, tmp_path, capsys):

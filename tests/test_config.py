@@ -74,3 +74,37 @@ def test_base_presets_chain_and_override(tmp_path):
     bad.write_text("base: tiny_imagenet\nlrr: 1\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'lrr' in .*bad.yaml"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"drop_path_rate": 5}, r"drop_path_rate=5.*\[0, 1\)"),  # issue 29 row 3: was a traceback at the first forward
+    ({"drop_path_rate": 1.0}, r"drop_path_rate=1.0"),
+    ({"lr": float("inf")}, r"lr=inf: must be a finite number in \(0, inf\)"),  # issue 29 row 8: was accepted
+    ({"weight_decay": float("nan")}, r"weight_decay=nan"),
+    ({"teacher_temp": float("nan")}, r"teacher_temp=nan"),
+    ({"momentum_teacher": 1.5}, r"momentum_teacher=1.5.*\[0, 1\]"),
+    ({"ibot_mask_sample_probability": -0.1}, "ibot_mask_sample_probability"),
+])
+def test_every_range_is_checked_with_its_rule(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(changes)
+
+
+def test_every_numeric_field_has_a_range():
+    """One table beside the fields (config.RANGES) checks every int and float field."""
+    import dataclasses
+
+    from dino_fast.config import RANGES, in_range
+
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type) in ("int", "float")}
+    assert numeric == set(RANGES), f"no range: {sorted(numeric - set(RANGES))}; stale: {sorted(set(RANGES) - numeric)}"
+    defaults = TrainConfig()
+    assert all(in_range(getattr(defaults, k), rule) for k, rule in RANGES.items())
+    assert in_range(0.0, "[0, 1)") and not in_range(1.0, "[0, 1)") and not in_range(0.0, "(0, inf)")
+
+
+def test_unknown_flag_one_line_with_suggestion(capsys):
+    assert main(["train", "--momentum_teachr", "0.9", "--data_path", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unrecognized argument '--momentum_teachr'" in err[0]
+    assert "did you mean '--momentum_teacher'?" in err[0]

@@ -664,3 +664,52 @@ def test_demo_dataset_has_class_structure(tmp_path):
     (xt, yt), (xv, yv) = features("train"), features("val")
     acc = float((yt[(xv @ xt.T).argmax(1)] == yv).mean())
     assert acc > 0.5, f"1-NN accuracy {acc:.3f}"
+
+
+# --- DINOMultiCrop: the public transform --------------------------------------------------------------------
+
+def test_dino_multicrop_defaults_are_the_official_recipe():
+    from dino_fast.data import DINOMultiCrop
+
+    crops = DINOMultiCrop()
+    assert crops.kwargs() == dict(global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8,
+                                  global_crops_size=224, local_crops_size=96)  # main_dino.py defaults
+    assert crops.num_views == 10 and [v.size for v in crops.views] == [224] * 2 + [96] * 8
+    assert [(v.blur_p, v.solarize_p) for v in crops.views[:3]] == [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0)]
+    assert "DINOMultiCrop" in __import__("dino_fast.data", fromlist=["__all__"]).__all__
+
+
+def test_dino_multicrop_call_is_the_torchvision_transform():
+    from dino_fast.data import DINOMultiCrop
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8))
+    crops = DINOMultiCrop(local_crops_number=3, global_crops_size=24, local_crops_size=12)
+    torch.manual_seed(7)
+    views = crops(img)
+    torch.manual_seed(7)
+    ref = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 3, 24, 12)(img)
+    assert [tuple(v.shape) for v in views] == [(3, 24, 24)] * 2 + [(3, 12, 12)] * 3
+    assert all(torch.equal(a, b) for a, b in zip(views, ref))
+    with pytest.raises(ValueError, match="local_crops_number"):
+        DINOMultiCrop(local_crops_number=-1)
+    with pytest.raises(ValueError, match="global_crops_scale"):
+        DINOMultiCrop(global_crops_scale=(0.5, 0.1))
+
+
+def test_dino_multicrop_builds_both_loaders_of_the_trainer(tmp_path):
+    from dino_fast.data import DINOMultiCrop
+
+    for s, c in enumerate("ab"):
+        write_images(tmp_path / c, 4, s)
+    data = _train_data(tmp_path, local_crops_number=3, global_crops_scale=(0.3, 0.9))
+    crops = DINOMultiCrop(global_crops_scale=(0.3, 0.9), local_crops_number=3, global_crops_size=16,
+                          local_crops_size=8)
+    assert data.multicrop == crops and data.dataset.transform == crops
+    ds = crops.dataset(tmp_path)
+    assert ds.classes == ["a", "b"] and len(ds[0][0]) == 5
+    pytest.importorskip("nvidia.dali")
+    loader = crops.dali_loader(tmp_path, 4, device="cpu", num_threads=1)
+    assert loader._views == crops.views and loader.num_views == 5
+    views, labels = next(iter(loader))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 3
+    loader.close()

@@ -1,8 +1,9 @@
-"""Head's last layer fused with the DINO loss vs the reference on ``last_layer(feats)``: loss,
-gradients to the features and to weight_v / weight_g, teacher column sums; chunks of images
-(uneven last chunk), split K, B = 1, V = 2, Sinkhorn-Knopp probabilities, bf16 autocast;
-``DINOHead(fused_loss=True)`` + ``DINOLoss.forward_fused_head`` vs the plain head and loss,
-with norm_last_layer and freeze_last_layer. On CPU the kernels run through the Triton interpreter."""
+"""Head's last layer fused with the DINO loss (kernels/dino_head_loss.py, dino_fast/dino_head_loss.py)
+vs the reference on ``last_layer(feats)``: loss, gradients to the features and to weight_v /
+weight_g, teacher column sums; chunks of images (uneven last chunk), split K, B = 1, V = 2,
+Sinkhorn-Knopp probabilities, bf16 autocast; ``DINOHead(fused_loss=True)`` + ``DINOHeadLoss``
+vs the plain head and ``DINOLoss``, with norm_last_layer and freeze_last_layer; the one switch
+(``loss_impl: fused_head``). On CPU the kernels run through the Triton interpreter."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_fast.dino_loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference, sinkhorn_knopp_teacher
+from dino_fast.center import sinkhorn_knopp_teacher
+from dino_fast.dino_head_loss import DINOHeadLoss
+from dino_fast.dino_loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference
 from dino_fast.models.head import DINOHead, WeightNormLinear
 from dino_fast.optim import cancel_last_layer_gradients_
 from tests.helpers import POISON, TOL, assert_close, requires_cuda
@@ -135,7 +138,7 @@ def test_fused_head_no_grad_and_backward_once(device):
 @pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_head_module_fused_vs_plain(norm_last_layer, centering, device, poisoned):
-    """Two training-like steps: DINOHead(fused_loss=True) + forward_fused_head equals the plain
+    """Two training-like steps: DINOHead(fused_loss=True) + DINOHeadLoss equals the plain
     head + DINOLoss (every head parameter's gradient, loss, center); epoch 0 with freeze_last_layer
     drops the last layer's gradients in both."""
     _seed("head-module", norm_last_layer, centering)
@@ -146,13 +149,14 @@ def test_head_module_fused_vs_plain(norm_last_layer, centering, device, poisoned
     assert list(fused_head.state_dict()) == list(plain_head.state_dict())
     loss_kw = dict(out_dim=k, ncrops=ncrops, warmup_teacher_temp=0.04, teacher_temp=0.07,
                    warmup_teacher_temp_epochs=2, nepochs=3, centering=centering)
-    fused_loss, plain_loss = DINOLoss(impl="triton", **loss_kw).to(device), DINOLoss(impl="torch", **loss_kw).to(device)
+    fused_loss = DINOHeadLoss(impl="triton", **loss_kw).to(device)
+    plain_loss = DINOLoss(impl="torch", **loss_kw).to(device)
     for epoch in range(2):
         x = torch.randn(ncrops * batch, in_dim, device=device)
         teacher = 3.0 * torch.randn(2 * batch, k, device=device)
         feats = fused_head(x)
         assert feats.shape == (ncrops * batch, 16)
-        fused_value = fused_loss.forward_fused_head(feats, fused_head.last_layer, teacher, epoch)
+        fused_value = fused_loss(feats, fused_head.last_layer, teacher, epoch)
         plain_value = plain_loss(plain_head(x), teacher, epoch)
         for head, value in ((fused_head, fused_value), (plain_head, plain_value)):
             head.zero_grad(set_to_none=True)
@@ -170,16 +174,63 @@ def test_head_module_fused_vs_plain(norm_last_layer, centering, device, poisoned
     assert torch.equal(fused_head.logits(x), plain_head(x))
 
 
-def test_forward_fused_head_torch_impl_is_reference():
+def test_head_loss_torch_impl_is_reference():
     """impl='torch' (and CPU 'auto') runs the reference on last_layer(feats)."""
     _seed("head-torch")
     layer, feats, teacher, _ = _case(2, 3, 50, 8, torch.device("cpu"), train_g=False)
-    module = DINOLoss(50, 3, 0.04, 0.07, 2, 4, impl="auto")
+    module = DINOHeadLoss(50, 3, 0.04, 0.07, 2, 4, impl="auto")
     ref_module = DINOLoss(50, 3, 0.04, 0.07, 2, 4, impl="torch")
-    assert_close(module.forward_fused_head(feats, layer, teacher, 1), ref_module(layer(feats), teacher, 1))
+    assert_close(module(feats, layer, teacher, 1), ref_module(layer(feats), teacher, 1))
     assert_close(module.center, ref_module.center, name="center")
     with pytest.raises(TypeError, match="last_layer"):
-        module.forward_fused_head(feats, torch.nn.Linear(8, 50), teacher, 1)
+        module(feats, torch.nn.Linear(8, 50), teacher, 1)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_head_loss_is_a_dino_loss_part(impl, device, poisoned):
+    """Same state dict as DINOLoss (the official ``{"center": (1, K)}``), a deferred center that
+    flushes like DINOLoss's, and, built as the trainer builds it (no schedule), the step's
+    teacher_temp only."""
+    _seed("head-part", impl)
+    k, batch, ncrops = 300, 2, 3
+    layer, _, _, _ = _case(batch, ncrops, k, 8, device, train_g=False)
+    fused = DINOHeadLoss(k, ncrops, impl=impl).to(device)
+    plain = DINOLoss(k, ncrops, impl="torch").to(device)
+    assert list(fused.state_dict()) == ["center"] and fused.state_dict()["center"].shape == (1, k)
+    for _ in range(2):  # two micro-batches, one center step
+        feats = F.normalize(torch.randn(ncrops * batch, 8, device=device), dim=-1)
+        teacher = 3.0 * torch.randn(2 * batch, k, device=device)
+        got = fused(feats, layer, teacher, 0, teacher_temp=0.05, update_center=False)
+        expected = plain(layer(feats), teacher, 0, teacher_temp=0.05, update_center=False)
+        assert_close(got, expected, name="loss")
+        assert torch.count_nonzero(fused.center) == 0
+    fused.flush_center()
+    plain.flush_center()
+    assert torch.count_nonzero(fused.center) > 0
+    assert_close(fused.center, plain.center, name="center after the flush")
+    with pytest.raises(ValueError, match="teacher_temp="):
+        fused(feats, layer, teacher, 0)
+    assert "head's last layer fused in" in fused.describe(device)
+
+
+def test_fused_head_is_one_switch():
+    """``loss_impl: fused_head`` is read in one place: the loss the run builds and the student
+    head's ``fused_loss`` come from the same ``fuses_last_layer``."""
+    from dino_fast.config import TrainConfig
+    from dino_fast.dino_head_loss import LOSS_IMPLS, fuses_last_layer
+    from dino_fast.dino_loss import IMPLS
+    from dino_fast.models.build import build_models
+    from dino_fast.objective import build_dino_loss
+
+    assert LOSS_IMPLS == (*IMPLS, "fused_head")
+    for impl in LOSS_IMPLS:
+        cfg = TrainConfig(arch="vit_tiny", depth=1, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
+                          local_crops_number=2, loss_impl=impl)
+        loss = build_dino_loss(cfg, torch.device("cpu"))
+        student, teacher = build_models(cfg, torch.device("cpu"))
+        assert isinstance(loss, DINOHeadLoss) == fuses_last_layer(impl) == (impl == "fused_head")
+        assert student.head.fused_loss == fuses_last_layer(impl) and not teacher.head.fused_loss
+        assert loss.impl == ("auto" if impl == "fused_head" else impl) and loss.teacher_temp_schedule is None
 
 
 @requires_cuda

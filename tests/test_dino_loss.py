@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dino_fast.dino_loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference, sinkhorn_knopp_teacher
+from dino_fast.center import sinkhorn_knopp_teacher
+from dino_fast.dino_loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference
 from tests.helpers import POISON, TOL, assert_close, requires_cuda
 
 dl = pytest.importorskip("dino_fast.kernels.dino_loss")
@@ -331,6 +332,29 @@ def test_state_dict_has_official_center():
     assert torch.equal(module.center, official["center"])
 
 
+@pytest.mark.parametrize("part_name", ["dino_loss", "loss"], ids=["current", "before-the-rename"])
+def test_checkpoint_part_resumes_under_either_name(tmp_path, part_name):
+    """The run's DINO loss is the Stateful part "dino_loss"; checkpoints written while it was
+    "loss" still resume (Checkpointer.load) and export (consolidate) its center."""
+    from dino_fast.checkpoint import Checkpointer, consolidate
+    from dino_fast.config import TrainConfig
+    from dino_fast.objective import Objective
+    from dino_fast.plan import RunPlan
+    from dino_fast.state import TrainState
+
+    cfg = TrainConfig(out_dim=40, local_crops_number=2)
+    plan = RunPlan.from_config(cfg, 5, 1)
+    cpu = torch.device("cpu")
+    saved = Objective(cfg, cpu)
+    assert list(saved.parts()) == ["dino_loss"] and saved.parts()["dino_loss"] is saved.dino_loss
+    saved.dino_loss.center.normal_()
+    path = Checkpointer(tmp_path).save({part_name: saved.dino_loss, "train": TrainState(cfg.to_dict(), plan, 0)}, 3)
+    resumed = Objective(cfg, cpu)
+    Checkpointer(tmp_path).load(path, {**resumed.parts(), "train": TrainState(cfg.to_dict(), plan, 0)})
+    assert torch.equal(resumed.dino_loss.center, saved.dino_loss.center)
+    assert torch.equal(consolidate(path)["dino_loss"]["center"], saved.dino_loss.center)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype,k,inplace", [(torch.float32, 65536, False), (torch.bfloat16, 40000, True)],
                          ids=["fp32", "bf16-inplace"])
@@ -385,6 +409,53 @@ def test_sinkhorn_matches_paper_definition(rows, k, tau):
     large = 100.0 * t
     assert_close(sinkhorn_knopp_teacher(large, tau), sinkhorn_knopp_teacher(large.double(), tau), atol=1e-6,
                  name="large logits: fp32 vs fp64 plan")
+
+
+def _dinov2_sinkhorn(teacher_output: torch.Tensor, teacher_temp: float, n_samples, n_iterations: int = 3):
+    """DINOv2's two Sinkhorn-Knopp teachers on one process, as released, differing only in B:
+    ``SinkhornKnoppTeacher.sinkhorn_knopp_teacher`` (B = rows * world size) and
+    ``iBOTPatchLoss.sinkhorn_knopp_teacher`` (B = the all-reduced count of masked patches)."""
+    Q = torch.exp(teacher_output / teacher_temp).t()
+    B = n_samples
+    K = Q.shape[0]
+    Q /= torch.sum(Q)
+    for _ in range(n_iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+@pytest.mark.parametrize("caller,rows,k", [("dino", 6, 65), ("dino", 2, 4097), ("ibot", 37, 17), ("ibot", 1, 9)])
+@pytest.mark.parametrize("scale", [1.0, 3.0], ids=["plain", "fp32-overflow"])
+def test_one_sinkhorn_equals_dinov2_for_both_callers(caller, rows, k, scale):
+    """The one Sinkhorn-Knopp (log domain, max-shifted) gives DINOv2's values for the DINO head's
+    teacher rows and for iBOT's masked patches (B = its own count, the patch count). DINOv2's
+    code runs in float64 as the reference: at scale 3, t / tau passes 88 and its fp32 exp
+    overflows (inf / inf), which ours does not (an fp32 result equal to the float64 plan)."""
+    _seed("sk-dinov2", caller, rows, k, scale)
+    tau = 0.04
+    t = scale * torch.randn(rows, k)  # (2B, K) teacher rows or (M, K) masked patches
+    n_samples = torch.tensor(float(rows), dtype=torch.float64) if caller == "ibot" else rows * 1
+    expected = _dinov2_sinkhorn(t.double(), tau, n_samples)
+    got = sinkhorn_knopp_teacher(t, tau)
+    assert got.dtype == torch.float32 and torch.isfinite(expected).all()
+    assert_close(got, expected, torch.float32, atol=1e-6, name=f"{caller} plan vs DINOv2")
+    if scale > 1:
+        assert not torch.isfinite(_dinov2_sinkhorn(t, tau, n_samples)).all()  # DINOv2 in fp32
+
+
+def test_sinkhorn_zero_columns_stay_finite():
+    """A sample far below every prototype's best: DINOv2's exp underflows its whole column to 0
+    (0/0); ours puts its mass on its best prototypes, and a rank without rows gives (0, K)."""
+    t = torch.randn(5, 12)
+    t[2] -= 60.0  # exp((t - max) / 0.04) = exp(-1500): 0 in any float
+    q = sinkhorn_knopp_teacher(t, 0.04)
+    assert torch.isfinite(q).all()
+    assert_close(q.sum(dim=1), torch.ones(5), name="rows sum to 1")
+    assert sinkhorn_knopp_teacher(torch.zeros(0, 12), 0.04).shape == (0, 12)
 
 
 def _sinkhorn_rank(rank: int, world: int, port: int, teacher: torch.Tensor, student: torch.Tensor, out: str) -> None:

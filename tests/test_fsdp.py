@@ -34,7 +34,7 @@ from tests.helpers import assert_close, requires_cuda
 from tests.helpers import legacy_checkpoint
 from tests.test_train import tiny_cfg
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")]
 
 STEPS = 4  # checkpoints at 2 and 4 (tiny_cfg: checkpoint_every=2); 5 batches per epoch
 B = 4  # per-rank batch of the 2-rank runs; the 1-process reference uses 2 * B
@@ -95,7 +95,7 @@ def _full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
         student, teacher = trainer.student.state_dict(), trainer.teacher.state_dict()
     out = {f"student.{k}": v.detach().clone() for k, v in student.items()}
     out.update({f"teacher.{k}": v.detach().clone() for k, v in teacher.items()})
-    out["center"] = trainer.loss_fn.center.detach().cpu().clone()
+    out["center"] = trainer.objective.dino_loss.center.detach().cpu().clone()
     return out
 
 

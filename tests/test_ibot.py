@@ -1,7 +1,7 @@
-"""iBOT / DINOv2 masked-patch objective (dino_fast.ibot): block masks against DINOv2's
+"""iBOT / DINOv2 masked-patch objective: block masks (dino_fast.ibot_masks) against DINOv2's
 ``MaskingGenerator`` + collate run draw for draw, their ranges and determinism; the patch loss
-against its definition written as a plain loop, its gradient, the center update and the
-Sinkhorn-Knopp teacher."""
+(dino_fast.ibot) against its definition written as a plain loop, its gradient, the center update
+and the Sinkhorn-Knopp teacher on patches (over ranks with different patch counts)."""
 from __future__ import annotations
 
 import math
@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_fast.ibot import (MaskingGenerator, PatchMasks, iBOTPatchLoss, ibot_patch_loss_from_probs, mask_rng,
-                            sample_masks, sinkhorn_knopp_patch_teacher)
+from dino_fast.center import sinkhorn_knopp_teacher
+from dino_fast.ibot import iBOTPatchLoss, ibot_patch_loss_from_probs
+from dino_fast.ibot_masks import MaskingGenerator, PatchMasks, mask_rng, sample_masks
 from tests.helpers import assert_close
 
 
@@ -98,7 +99,7 @@ def _dinov2_collate_masks(B, N, mask_ratio_tuple, mask_probability, mask_generat
 
 
 class _PyRandomAsNumpy:
-    """A python ``random.Random`` behind the numpy Generator methods dino_fast.ibot calls, so both
+    """A python ``random.Random`` behind the numpy Generator methods dino_fast.ibot_masks calls, so both
     implementations consume one stream draw for draw."""
 
     def __init__(self, seed: int) -> None:
@@ -376,21 +377,21 @@ def _dinov2_sinkhorn(teacher_output, teacher_temp, n_masked, n_iterations=3):
 
 
 @pytest.mark.parametrize("M,K", [(5, 3), (37, 64), (200, 17)])
-def test_sinkhorn_knopp_patch_teacher(M, K):
+def test_sinkhorn_knopp_teacher_on_patches(M, K):
     _seed("sk", M, K)
     t = torch.randn(M, K)
-    q = sinkhorn_knopp_patch_teacher(t, 0.07)
+    q = sinkhorn_knopp_teacher(t, 0.07)
     assert q.shape == (M, K) and q.dtype == torch.float32
     assert_close(q, _dinov2_sinkhorn(t, 0.07, M), torch.float32, rtol=1e-4, atol=1e-7, name="vs dinov2")
     assert_close(q.sum(1), torch.ones(M), torch.float32, rtol=1e-5, atol=1e-5, name="patch rows sum to 1")
     # many iterations: every prototype gets M/K of the mass (the equipartition constraint)
-    q_many = sinkhorn_knopp_patch_teacher(t, 0.07, n_iterations=200)
+    q_many = sinkhorn_knopp_teacher(t, 0.07, n_iterations=200)
     assert_close(q_many.sum(0), torch.full((K,), M / K), torch.float32, rtol=1e-3, atol=1e-4, name="prototypes")
     # logits DINOv2's fp32 exp overflows on (and patches it underflows to 0/0): finite, rows sum to 1
-    q_big = sinkhorn_knopp_patch_teacher(50 * t, 0.04)
+    q_big = sinkhorn_knopp_teacher(50 * t, 0.04)
     assert torch.isfinite(q_big).all()
     assert_close(q_big.sum(1), torch.ones(M), torch.float32, rtol=1e-5, atol=1e-5, name="large logits")
-    assert_close(sinkhorn_knopp_patch_teacher(t + 100.0, 0.07), q, torch.float32, rtol=1e-3, atol=1e-6,
+    assert_close(sinkhorn_knopp_teacher(t + 100.0, 0.07), q, torch.float32, rtol=1e-3, atol=1e-6,
                  name="shift invariance")
 
 
@@ -442,7 +443,7 @@ def _two_rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             loss_fn.center.copy_(center0)
             masks = torch.ones(1, rows, dtype=torch.bool)
             loss_fn(student, mine, masks, 0.04)
-            results[case] = {"q": sinkhorn_knopp_patch_teacher(mine, 0.07), "center": loss_fn.center.clone()}
+            results[case] = {"q": sinkhorn_knopp_teacher(mine, 0.07), "center": loss_fn.center.clone()}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -469,7 +470,7 @@ def test_two_ranks_pool_center_and_sinkhorn_over_all_masked_patches(tmp_path):
     for case in _CASES:
         t_all, _, center0 = _two_rank_inputs(case)
         expected_center = 0.9 * center0 + 0.1 * t_all.mean(0, keepdim=True)
-        q_all = sinkhorn_knopp_patch_teacher(t_all, 0.07)
+        q_all = sinkhorn_knopp_teacher(t_all, 0.07)
         for r in range(2):
             got = ranks[r][case]
             assert_close(got["center"], expected_center, torch.float32, name=f"center rank {r} {case}")

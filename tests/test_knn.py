@@ -1,6 +1,9 @@
 """Weighted k-NN against a direct per-query implementation written from the definition; the
-class check (by name) and the `dino-fast knn` command line on small synthetic folders."""
+class check (by name); the `dino-fast knn` command line on small synthetic folders, with every
+official eval_knn.py flag; the k-NN of a training run in the run's compute dtype."""
+import argparse
 import logging
+import os
 
 import pytest
 import torch
@@ -57,7 +60,7 @@ def test_knn_shape_errors():
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     from dino_fast.models import build_backbone
-    from dino_fast.pretrained import save_official_backbone
+    from dino_fast.export import save_official_backbone
 
     torch.manual_seed(0)
     return save_official_backbone(build_backbone("vit_tiny", 16, depth=1), tmp_path_factory.mktemp("w") / "w.pth")
@@ -70,8 +73,8 @@ def _folders(root, train_names, val_names, per_class=2):
 
 
 def _argv(weights, *extra):
-    return ["--pretrained_weights", str(weights), "--image_size", "32", "--batch_size", "4", "--num_workers", "0",
-            "--device", "cpu", *extra]
+    return ["--pretrained_weights", str(weights), "--image_size", "32", "--batch_size_per_gpu", "4", "--num_workers",
+            "0", "--device", "cpu", *extra]
 
 
 def test_knn_classes_differ_is_an_error_naming_them(tmp_path, weights):
@@ -134,19 +137,6 @@ def test_knn_eval_library_checks_classes(tmp_path):
         knn_eval(build_backbone("vit_tiny", 16, depth=1), train, val, 32, num_workers=0)
 
 
-def test_knn_help_shows_every_flag_and_default():
-    """The flags and defaults cli.py's knn had, plus --data_path / --allow_class_mismatch, all in -h."""
-    text = " ".join(build_parser().format_help().split())
-    args = build_parser().parse_args(["--pretrained_weights", "w"])
-    expected = {"checkpoint_key": "teacher", "image_size": 224, "nb_knn": [10, 20, 100, 200], "temperature": 0.07,
-                "batch_size": 128, "num_workers": 4, "cache_dir": None, "data_path": None, "train_path": None,
-                "val_path": None, "allow_class_mismatch": False}
-    for name, default in expected.items():
-        assert getattr(args, name) == default, name
-        assert f"--{name}" in text and f"(default: {default})" in text, name
-    assert "--pretrained_weights" in text and "--device" in text
-
-
 def test_cli_knn_mismatch_prints_one_line(tmp_path, weights, capsys):
     from dino_fast.cli import main as cli_main
 
@@ -157,3 +147,158 @@ def test_cli_knn_mismatch_prints_one_line(tmp_path, weights, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("dino-fast: error: k-NN: the class folders"), err
     assert "'dog'" in err[0] and "'fox'" in err[0]
+
+
+# ----------------------------------------------------------------------------- official command lines
+def official_bool_flag(s):
+    """facebookresearch/dino utils.bool_flag."""
+    if s.lower() in {"off", "false", "0"}:
+        return False
+    if s.lower() in {"on", "true", "1"}:
+        return True
+    raise argparse.ArgumentTypeError("invalid value for a boolean flag")
+
+
+def official_knn_parser():
+    """eval_knn.py's parser, transcribed (help texts left out)."""
+    parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet')
+    parser.add_argument('--batch_size_per_gpu', default=128, type=int)
+    parser.add_argument('--nb_knn', default=[10, 20, 100, 200], nargs='+', type=int)
+    parser.add_argument('--temperature', default=0.07, type=float)
+    parser.add_argument('--pretrained_weights', default='', type=str)
+    parser.add_argument('--use_cuda', default=True, type=official_bool_flag)
+    parser.add_argument('--arch', default='vit_small', type=str)
+    parser.add_argument('--patch_size', default=16, type=int)
+    parser.add_argument("--checkpoint_key", default="teacher", type=str)
+    parser.add_argument('--dump_features', default=None)
+    parser.add_argument('--load_features', default=None)
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument("--dist_url", default="env://", type=str)
+    parser.add_argument("--local_rank", default=0, type=int)
+    parser.add_argument('--data_path', default='/path/to/imagenet/', type=str)
+    return parser
+
+
+_SAMPLES = {int: "3", float: "0.5", str: "x", None: "x"}
+
+
+def assert_official_flags(ours: argparse.ArgumentParser, official: argparse.ArgumentParser, script: str) -> None:
+    """Every official flag: same name, default, nargs, choices, action and type (the same value
+    parsed from the same string; bool_flag on every spelling), marked in -h as the script's."""
+    by_option = {o: a for a in ours._actions for o in a.option_strings}
+    for theirs in official._actions:
+        if isinstance(theirs, argparse._HelpAction):
+            continue
+        flag = theirs.option_strings[0]
+        mine = by_option.get(flag)
+        assert mine is not None, f"{flag} missing"
+        assert (mine.dest, mine.default, mine.nargs, mine.choices, type(mine)) == \
+            (theirs.dest, theirs.default, theirs.nargs, theirs.choices, type(theirs)), flag
+        if theirs.type is official_bool_flag:
+            for text in ("True", "false", "ON", "0", "1", "off"):
+                assert mine.type(text) == official_bool_flag(text), (flag, text)
+            with pytest.raises(argparse.ArgumentTypeError):
+                mine.type("maybe")
+        elif not isinstance(theirs, argparse._StoreTrueAction):
+            sample = _SAMPLES[theirs.type if theirs.type in _SAMPLES else None]
+            assert (mine.type or str)(sample) == (theirs.type or str)(sample), flag
+        assert mine.help.endswith(f"[{script} flag]"), (flag, mine.help)
+
+
+def test_knn_takes_every_official_flag():
+    assert_official_flags(build_parser(), official_knn_parser(), "eval_knn.py")
+    help_text = build_parser().format_help()
+    assert "official eval_knn.py flags" in help_text and "--precision" in help_text
+
+
+KNN_OFFICIAL_DEFAULTS = [  # every eval_knn.py flag at its official default (dump/load_features: None, not spelled)
+    "--batch_size_per_gpu", "128", "--nb_knn", "10", "20", "100", "200", "--temperature", "0.07",
+    "--use_cuda", "True", "--arch", "vit_small", "--patch_size", "16", "--checkpoint_key", "teacher",
+    "--num_workers", "10", "--dist_url", "env://", "--local_rank", "0", "--data_path", "/path/to/imagenet/",
+]
+
+
+def test_official_knn_command_line_runs(tmp_path, weights, capsys):
+    """An eval_knn.py command line with every flag at its default, then shrunk where a CPU test
+    must (data, weights, workers, crop); --dump_features writes the official files, which
+    --load_features reads back without weights or images."""
+    _folders(tmp_path / "data", ["cat", "dog"], ["cat", "dog"])
+    dump = tmp_path / "feats"
+    argv = [*KNN_OFFICIAL_DEFAULTS, "--pretrained_weights", str(weights), "--data_path", str(tmp_path / "data"),
+            "--num_workers", "0", "--image_size", "32", "--device", "cpu", "--dump_features", str(dump)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| 10 | 100.00 | 100.00 |" in table and "| 200 |" in table
+    files = sorted(p.name for p in dump.iterdir())
+    assert files == ["testfeat.pth", "testlabels.pth", "trainfeat.pth", "trainlabels.pth"]
+    train = torch.load(dump / "trainfeat.pth")
+    assert train.shape == (4, 192) and torch.allclose(train.norm(dim=1), torch.ones(4))  # official: l2-normalised
+    assert torch.load(dump / "trainlabels.pth").tolist() == [0, 0, 1, 1]
+    assert main(["--load_features", str(dump), "--nb_knn", "10", "200"]) == 0  # no weights, no images
+    assert capsys.readouterr().out == "| k | top-1 | top-5 |\n|---|---|---|\n" + "\n".join(
+        line for line in table.splitlines() if line.startswith(("| 10 ", "| 200 "))) + "\n"
+    with pytest.raises(ConfigError, match="--load_features .*no trainfeat.pth"):
+        main(["--load_features", str(tmp_path)])
+    with pytest.raises(ConfigError, match="--pretrained_weights is needed"):
+        main(["--data_path", str(tmp_path / "data")])
+
+
+def test_knn_distributed_flags(tmp_path, weights, caplog, monkeypatch):
+    _folders(tmp_path / "data", ["cat", "dog"], ["cat", "dog"])
+    with caplog.at_level(logging.WARNING):
+        assert main(_argv(weights, "--data_path", str(tmp_path / "data"), "--nb_knn", "1", "--local_rank", "3",
+                          "--dist_url", "tcp://localhost:1234", "--use_cuda", "false")) == 0
+    assert any("--dist_url tcp://localhost:1234 ignored" in r.message for r in caplog.records), caplog.text
+    assert any("the weights hold a vit_tiny/16, not --arch vit_small" in r.message for r in caplog.records)
+    monkeypatch.setenv("WORLD_SIZE", "8")  # torch.distributed.launch --nproc_per_node=8 eval_knn.py ...
+    with pytest.raises(ConfigError, match="runs in one process.*WORLD_SIZE=8"):
+        main(_argv(weights, "--data_path", str(tmp_path / "data")))
+
+
+# ----------------------------------------------------------------------------- the run's compute dtype
+def record_autocast(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that each call records the CPU autocast dtype it ran under
+    (float32 when autocast is off); returns the list it fills."""
+    seen = []
+    original = getattr(module, name)
+
+    def recording(*args, **kw):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(module, name, recording)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_in_training_knn_runs_in_the_run_precision(demo_root, tmp_path, monkeypatch, precision):
+    """The trainer's k-NN (random-init baseline and final) runs its backbone in the run's compute
+    dtype. On CPU `auto` means fp32, so a `precision: bf16` run is the one that tells a k-NN that
+    chooses its own dtype (fp32 here) from one that takes the run's (bf16)."""
+    import dino_fast.eval.features as features
+    from dino_fast.train import Trainer
+    from tests.test_train import tiny_cfg
+
+    seen = record_autocast(monkeypatch, features, "backbone_features")
+    cfg = tiny_cfg(demo_root, tmp_path, precision=precision, max_steps=1, knn_every_min=1.0,
+                   val_path=str(demo_root / "val"), eval_size=32, knn_k=5)
+    Trainer(cfg).fit()
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen and set(seen) == {expected}, (precision, set(seen))
+
+
+@pytest.mark.parametrize("precision,expected", [("fp32", torch.float32), ("auto", torch.bfloat16),
+                                                ("fp16", torch.float16)])
+def test_knn_dtype_of_a_cuda_run(demo_root, tmp_path, monkeypatch, precision, expected):
+    """On CUDA `auto` is bf16: a `precision: fp32` run must still evaluate in fp32 (mocked device)."""
+    import dino_fast.eval.knn as knn
+    from dino_fast.eval.periodic import PeriodicKnn
+    from dino_fast.precision import compute_dtype
+    from tests.test_train import tiny_cfg
+
+    got = {}
+    monkeypatch.setattr(knn, "knn_eval", lambda *a, **kw: got.update(kw) or {5: (0.0, 0.0)})
+    cuda = torch.device("cuda", 0)
+    cfg = tiny_cfg(demo_root, tmp_path, precision=precision, knn_every_min=1.0, val_path="v", knn_k=5)
+    PeriodicKnn.from_config(cfg, cuda, compute_dtype(cfg.precision, cuda))(torch.nn.Identity(), 0, 0.0)
+    assert got["dtype"] == expected and got["device"] == cuda

@@ -1,4 +1,6 @@
-"""Linear probe (official recipe) and frozen-feature extraction with its cache."""
+"""Linear probe (official recipe) and frozen-feature extraction with its cache; `dino-fast linear`
+with every official eval_linear.py flag (--evaluate, --val_freq, --num_labels, --avgpool_patchtokens
+true); the probe's compute dtype."""
 from __future__ import annotations
 
 import math
@@ -183,7 +185,7 @@ def test_extract_features_on_device(tmp_path, tiny_vit, device):
 # ----------------------------------------------------------------------------- CLI entry
 @pytest.mark.parametrize("mode", ["cached", "online"])
 def test_main_end_to_end(tmp_path, mode):
-    from dino_fast.pretrained import save_official_backbone
+    from dino_fast.export import save_official_backbone
 
     torch.manual_seed(0)
     weights = save_official_backbone(build_backbone("vit_tiny", 16, depth=1), tmp_path / "w.pth")
@@ -195,7 +197,7 @@ def test_main_end_to_end(tmp_path, mode):
                "--n_last_blocks", "1", "--mode", mode, "--output_dir", str(out)])
     assert rc == 0
     clf = load_linear_classifier(out / "linear.pth")
-    assert (clf.linear.in_features, clf.num_labels) == (192, 2)
+    assert (clf.linear.in_features, clf.num_labels) == (192, 1000)  # official default --num_labels 1000
     if mode == "cached":
         assert (out / "features_train.pt").is_file() and (out / "features_val.pt").is_file()
 
@@ -203,7 +205,7 @@ def test_main_end_to_end(tmp_path, mode):
 # ----------------------------------------------------------------------------- user mistakes
 @pytest.fixture(scope="module")
 def depth2_weights(tmp_path_factory):
-    from dino_fast.pretrained import save_official_backbone
+    from dino_fast.export import save_official_backbone
 
     torch.manual_seed(0)
     return save_official_backbone(build_backbone("vit_tiny", 16, depth=2), tmp_path_factory.mktemp("w") / "w.pth")
@@ -221,9 +223,9 @@ def _split_folders(data, train_names, val_names):
 
 
 def test_main_default_n_last_blocks_is_capped_by_depth(tmp_path, depth2_weights):
-    """Default min(4, depth): a 2-block backbone gets 2 CLS tokens, not the traceback of 4."""
+    """The official default 4 capped at the depth: a 2-block backbone gets 2 CLS tokens, not the traceback of 4."""
     _split_folders(tmp_path / "data", ["a", "b", "c"], ["a", "b", "c"])
-    assert main(_linear_argv(depth2_weights, tmp_path / "data", tmp_path / "out")) == 0
+    assert main(_linear_argv(depth2_weights, tmp_path / "data", tmp_path / "out", "--num_labels", "3")) == 0
     clf = load_linear_classifier(tmp_path / "out" / "linear.pth")
     assert (clf.linear.in_features, clf.num_labels) == (2 * 192, 3)
 
@@ -263,7 +265,8 @@ def test_main_class_mismatch(tmp_path, depth2_weights, caplog):
     assert "only in train" not in msg and "--allow_class_mismatch" in msg
     assert not out.exists()
     with caplog.at_level(logging.WARNING):
-        assert main(_linear_argv(depth2_weights, tmp_path / "data", out, "--allow_class_mismatch")) == 0
+        assert main(_linear_argv(depth2_weights, tmp_path / "data", out, "--allow_class_mismatch", "--num_labels",
+                                 "2")) == 0
     assert load_linear_classifier(out / "linear.pth").num_labels == 2
     assert any("dropped 2 val images" in r.message and "'fox'" in r.message for r in caplog.records), caplog.text
 
@@ -291,3 +294,121 @@ def test_cli_linear_prints_one_line(tmp_path, depth2_weights, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["dino-fast: error: n_last_blocks=3 but the backbone has 2 blocks: choose 1..2 "
                                "(default min(4, depth) = 2)"], err
+
+
+# ----------------------------------------------------------------------------- official command lines
+def official_linear_parser():
+    """eval_linear.py's parser, transcribed (help texts left out)."""
+    import argparse
+
+    from tests.test_knn import official_bool_flag
+
+    parser = argparse.ArgumentParser('Evaluation with linear classification on ImageNet')
+    parser.add_argument('--n_last_blocks', default=4, type=int)
+    parser.add_argument('--avgpool_patchtokens', default=False, type=official_bool_flag)
+    parser.add_argument('--arch', default='vit_small', type=str)
+    parser.add_argument('--patch_size', default=16, type=int)
+    parser.add_argument('--pretrained_weights', default='', type=str)
+    parser.add_argument("--checkpoint_key", default="teacher", type=str)
+    parser.add_argument('--epochs', default=100, type=int)
+    parser.add_argument("--lr", default=0.001, type=float)
+    parser.add_argument('--batch_size_per_gpu', default=128, type=int)
+    parser.add_argument("--dist_url", default="env://", type=str)
+    parser.add_argument("--local_rank", default=0, type=int)
+    parser.add_argument('--data_path', default='/path/to/imagenet/', type=str)
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--val_freq', default=1, type=int)
+    parser.add_argument('--output_dir', default=".")
+    parser.add_argument('--num_labels', default=1000, type=int)
+    parser.add_argument('--evaluate', dest='evaluate', action='store_true')
+    return parser
+
+
+def test_linear_takes_every_official_flag():
+    from dino_fast.eval.linear import build_parser
+    from tests.test_knn import assert_official_flags
+
+    assert_official_flags(build_parser(), official_linear_parser(), "eval_linear.py")
+
+
+LINEAR_OFFICIAL_DEFAULTS = [  # every eval_linear.py flag at its official default (--evaluate: off, not spelled)
+    "--n_last_blocks", "4", "--avgpool_patchtokens", "False", "--arch", "vit_small", "--patch_size", "16",
+    "--checkpoint_key", "teacher", "--epochs", "100", "--lr", "0.001", "--batch_size_per_gpu", "128",
+    "--dist_url", "env://", "--local_rank", "0", "--data_path", "/path/to/imagenet/", "--num_workers", "10",
+    "--val_freq", "1", "--output_dir", ".", "--num_labels", "1000",
+]
+
+
+class _DDP(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_official_linear_command_line_and_evaluate(tmp_path, depth2_weights, capsys):
+    """An eval_linear.py command line with every flag at its default, shrunk where a CPU test must;
+    then --evaluate on the classifier it wrote and on one in the official checkpoint layout."""
+    _split_folders(tmp_path / "data", ["a", "b"], ["a", "b"])
+    out = tmp_path / "out"
+    shrink = ["--pretrained_weights", str(depth2_weights), "--data_path", str(tmp_path / "data"), "--epochs", "2",
+              "--batch_size_per_gpu", "4", "--num_workers", "0", "--resize", "36", "--crop", "32", "--device", "cpu",
+              "--output_dir", str(out)]
+    assert main([*LINEAR_OFFICIAL_DEFAULTS, *shrink]) == 0
+    trained = load_linear_classifier(out / "linear.pth")
+    assert (trained.linear.in_features, trained.num_labels) == (2 * 192, 1000)  # n = min(4, depth 2)
+    capsys.readouterr()
+    assert main([*LINEAR_OFFICIAL_DEFAULTS, *shrink, "--evaluate"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("Accuracy of the network on the 4 test images: ") and str(out / "linear.pth") in line
+    # official eval_linear.py's checkpoint.pth.tar: DDP(LinearClassifier) state, optimizer, scheduler
+    torch.manual_seed(3)
+    official = _DDP(LinearClassifier(2 * 192, 10))
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"epoch": 5, "state_dict": official.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+                "best_acc": 12.5}, path)
+    assert main([*shrink, "--evaluate", "--linear_weights", str(path), "--n_last_blocks", "2"]) == 0
+    assert "on the 4 test images" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"takes 384 features, the backbone gives 192"):
+        main([*shrink, "--evaluate", "--linear_weights", str(path), "--n_last_blocks", "1"])
+    from dino_fast.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="file not found"):
+        main([*shrink, "--evaluate", "--linear_weights", str(tmp_path / "nope.pth")])
+
+
+def test_num_labels_and_avgpool_value(tmp_path, depth2_weights):
+    _split_folders(tmp_path / "data", ["a", "b", "c"], ["a", "b", "c"])
+    out = tmp_path / "out"
+    assert main(_linear_argv(depth2_weights, tmp_path / "data", out, "--num_labels", "7", "--n_last_blocks", "1",
+                             "--avgpool_patchtokens", "true")) == 0
+    clf = load_linear_classifier(out / "linear.pth")
+    assert (clf.linear.in_features, clf.num_labels) == (2 * 192, 7)  # CLS + averaged patch tokens, 7 outputs
+    with pytest.raises(ConfigError, match=r"--num_labels 2 but .* has 3 classes"):
+        main(_linear_argv(depth2_weights, tmp_path / "data", tmp_path / "o2", "--num_labels", "2"))
+    with pytest.raises(SystemExit):  # bool_flag: a value, as the official flag
+        main(_linear_argv(depth2_weights, tmp_path / "data", tmp_path / "o3", "--avgpool_patchtokens", "maybe"))
+
+
+@pytest.mark.parametrize("val_freq,validated", [(1, [0, 1, 2, 3, 4]), (2, [0, 2, 4]), (3, [0, 3, 4])])
+def test_val_freq_is_official(val_freq, validated):
+    """eval_linear.py validates when ``epoch % val_freq == 0 or epoch == epochs - 1``."""
+    x, y = separable(4, 8, 3, 16)
+    res = run_linear_probe(x, y, x, y, epochs=5, lr=0.1, batch_size=8, val_freq=val_freq)
+    assert [r["epoch"] for r in res["history"] if "top1" in r] == validated
+    with pytest.raises(ConfigError, match="val_freq"):
+        run_linear_probe(x, y, x, y, epochs=1, val_freq=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_online_probe_runs_in_the_given_dtype(tiny_vit, monkeypatch, dtype):
+    """The probe's forward ran in bf16 whatever the run's precision; now in ``dtype``."""
+    import dino_fast.eval.linear as linear
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.test_knn import record_autocast
+
+    seen = record_autocast(monkeypatch, linear, "backbone_features")
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    loader = DataLoader(TensorDataset(x, torch.tensor([0, 1, 0, 1, 0, 1])), batch_size=3)
+    linear.run_linear_probe_online(tiny_vit, loader, loader, epochs=1, n_last_blocks=1, num_classes=2, dtype=dtype)
+    assert seen and set(seen) == {dtype}

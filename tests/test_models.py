@@ -2,7 +2,6 @@
 official vision_transformer.py). Shallow models keep the file fast on CPU."""
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import pytest
@@ -11,11 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from dino_fast.models import (ARCHS, DINOHead, DinoViT, MultiCropWrapper, PackedSeqlens, build_backbone,
+from dino_fast.models import (ARCHS, DINOHead, DinoViT, DropPath, MultiCropWrapper, PackedSeqlens, build_backbone,
                               interpolate_pos_encoding, set_attn_backend, xformers_usable)
-from dino_fast.models.vit import _packed_drop_path, _same_size_runs
+from dino_fast.models.vit import _same_size_runs
 from tests.helpers import assert_close, requires_cuda
 from tests.test_attention import fp32_tol, use_twins
+from tests.test_pos_embed import official_interpolate_pos_encoding
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 pytestmark = pytest.mark.usefixtures("no_tf32")  # tight fp32 tolerances
@@ -27,31 +27,7 @@ def twins(monkeypatch):
     use_twins(monkeypatch)
 
 
-# --- references written from the official DINO vision_transformer.py --------------------------
-def official_interpolate_pos_encoding(pos_embed: torch.Tensor, x: torch.Tensor, w: int, h: int,
-                                      patch_size: int) -> torch.Tensor:
-    """Official ``VisionTransformer.interpolate_pos_encoding(x, w, h)``; x: tokens incl. CLS,
-    ``w, h = img.shape[2:]`` (the official code names dim 2 ``w``)."""
-    npatch = x.shape[1] - 1
-    N = pos_embed.shape[1] - 1
-    if npatch == N and w == h:
-        return pos_embed
-    class_pos_embed = pos_embed[:, 0]
-    patch_pos_embed = pos_embed[:, 1:]
-    dim = x.shape[-1]
-    w0 = w // patch_size
-    h0 = h // patch_size
-    w0, h0 = w0 + 0.1, h0 + 0.1
-    patch_pos_embed = nn.functional.interpolate(
-        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
-        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
-        mode="bicubic",
-    )
-    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
-    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
-    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
-
-
+# --- references written from the official DINO vision_transformer.py (pos-embed: test_pos_embed) ---
 def official_tokens(ref: VisionTransformer, img: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Official ``prepare_tokens`` on the weights of a timm ViT (plain stride-p conv)."""
     B, _, w, h = img.shape
@@ -158,32 +134,6 @@ def test_build_backbone_rejects_bad_args():
         model.forward_packed([torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32, dtype=torch.float64)])
 
 
-# --- position embedding ----------------------------------------------------------------------
-@pytest.mark.parametrize("patch_size,hw", [(16, (96, 96)), (8, (96, 96)), (16, (96, 160)), (16, (224, 48)),
-                                           (8, (40, 24)), (16, (448, 448))])
-def test_interpolate_pos_encoding_matches_official(patch_size, hw):
-    torch.manual_seed(patch_size + hw[0] + hw[1])
-    side = 224 // patch_size
-    pos = torch.randn(1, 1 + side * side, 24)
-    gh, gw = hw[0] // patch_size, hw[1] // patch_size
-    tokens = torch.empty(1, 1 + gh * gw, 24)
-    expected = official_interpolate_pos_encoding(pos, tokens, hw[0], hw[1], patch_size)
-    out = interpolate_pos_encoding(pos, gh, gw)
-    assert_close(out, expected, name=f"pos_embed {hw}", rtol=0, atol=0)
-    assert torch.equal(out[:, 0], pos[:, 0])
-
-
-def test_interpolate_pos_encoding_identity_and_errors():
-    pos = torch.randn(1, 1 + 49, 8)
-    assert interpolate_pos_encoding(pos, 7, 7) is pos
-    with pytest.raises(ValueError, match="square"):
-        interpolate_pos_encoding(torch.randn(1, 1 + 48, 8), 6, 8)
-    with pytest.raises(ValueError, match=r"\(1, 1 \+ N, D\)"):
-        interpolate_pos_encoding(torch.randn(50, 8), 7, 7)
-    with pytest.raises(ValueError, match="at least"):
-        interpolate_pos_encoding(pos, 0, 3)
-
-
 # --- packed multi-crop forward ---------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["sdpa", "math", "varlen", "flex"])
 @pytest.mark.parametrize("sizes", [(32, 32, 16, 16, 16), (40, 40, 24, 16, 24)])
@@ -256,12 +206,55 @@ def test_packed_drop_path_is_per_sequence():
     torch.manual_seed(0)
     seqs = PackedSeqlens([5] * 40 + [2] * 60)
     y = torch.ones(1, seqs.total, 3)
-    out = _packed_drop_path(y, seqs, drop_prob=0.5)
+    out = DropPath(0.5)(y, seqs)
     per_seq = out[0].split(list(seqs.seqlens))  # (len, 3) each
     for part in per_seq:
         assert torch.equal(part, part[:1].expand_as(part)), "drop path must act on whole sequences"
     firsts = torch.stack([p[0, 0] for p in per_seq])
     assert set(firsts.unique().tolist()) == {0.0, 2.0}  # dropped or scaled by 1 / keep_prob
+
+
+@pytest.mark.parametrize("drop_prob", [0.1, 0.5])
+def test_drop_path_draws_per_sample_and_per_sequence(drop_prob):
+    """Bernoulli(1 - p) per sample (dim 0) or per packed sequence, kept rows scaled by 1 / (1 - p):
+    the frequency of kept draws within 4 sigma of 1 - p over 4,000 draws each way."""
+    torch.manual_seed(3)
+    layer, keep = DropPath(drop_prob), 1.0 - drop_prob
+    per_sample = layer(torch.ones(4000, 2, 3))[:, 0, 0]  # (4000,)
+    seqs = PackedSeqlens([3] * 1500 + [1] * 2500)
+    per_seq = torch.stack([t[0, 0] for t in layer(torch.ones(1, seqs.total, 2), seqs)[0].split(list(seqs.seqlens))])
+    for name, drawn in (("per sample", per_sample), ("per sequence", per_seq)):
+        assert ((drawn == 0) | ((drawn - 1 / keep).abs() < 1e-6)).all(), f"{name}: values {drawn.unique()}"
+        kept = (drawn > 0).float().mean().item()
+        assert abs(kept - keep) < 4 * (keep * drop_prob / 4000) ** 0.5, f"{name}: kept {kept:.3f}, expected {keep}"
+    assert torch.equal(layer.eval()(per_sample), per_sample)  # eval: identity
+
+
+def test_drop_path_rate_is_a_buffer_outside_the_state_dict():
+    with_drop = build_backbone("vit_tiny", 8, depth=3, drop_path_rate=0.2, img_size=32)
+    plain = build_backbone("vit_tiny", 8, depth=3, drop_path_rate=0.0, img_size=32)
+    assert list(with_drop.state_dict()) == list(plain.state_dict())  # official keys, nothing added
+    rates = [float(b.drop_path1.keep_prob) if isinstance(b.drop_path1, DropPath) else 1.0 for b in with_drop.blocks]
+    assert rates == pytest.approx([1.0, 0.9, 0.8])  # timm's linear decay rule, block 0 without drop path
+
+
+def test_compiled_blocks_share_one_graph_whatever_their_drop_rate(twins):
+    """Each block compiled alone (the old compile path), four blocks at rates 0, 0.1, 0.2, 0.3:
+    a float rate made Dynamo compile one graph per rate (12 student blocks hit the recompile
+    limit of 8); the rate as a buffer gives one graph without drop path and one with it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_backbone("vit_tiny", 8, depth=4, drop_path_rate=0.3, attn_backend="sdpa", img_size=32).train()
+    try:
+        for blk in model.blocks:
+            blk.compile(backend="eager")
+        for _ in range(2):
+            model.forward_packed(views(batch=2, seed=1, device="cpu", sizes=(32, 32, 16))).sum().backward()
+        assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()
 
 
 def test_packed_training_with_drop_path_runs_and_differs_per_view():
@@ -466,9 +459,116 @@ def test_head_loads_official_weight_norm_state_dict():
 
 def test_backend_switch_is_per_module():
     model = build_backbone("vit_tiny", patch_size=16, depth=2, attn_backend="math")
-    assert {b.attn.backend for b in model.blocks} == {"math"}
+    assert {b.attn.backend for b in model.blocks} == {"math"} and model.attn_backend == "math"
     set_attn_backend(model, "sdpa")
     assert {b.attn.backend for b in model.blocks} == {"sdpa"}
+    wrapper = MultiCropWrapper(model, DINOHead(192, 8, hidden_dim=16, bottleneck_dim=8))
+    assert wrapper.attn_backend == "sdpa" and wrapper.attn_head_dim == 64  # what the trainer logs
+    model.attn_backend = "auto"  # the property sets every block
+    model.blocks[1].attn.backend = "math"
+    assert wrapper.attn_backend == "mixed"
+
+
+# --- bf16 residual stream (low_precision_stream) ---------------------------------------------
+@pytest.fixture
+def cuda_autocast_policy(monkeypatch):
+    """CUDA autocast runs ``layer_norm`` in fp32 and returns fp32 (its fp32 op list); CPU autocast
+    runs it in the input's dtype. The stream tests emulate the CUDA policy, which is the one a
+    GPU run meets, so that they see what the bf16 stream changes there."""
+    real = F.layer_norm
+
+    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        if not torch.is_autocast_enabled(x.device.type):
+            return real(x, shape, weight, bias, eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return real(x.float(), shape, *(None if t is None else t.float() for t in (weight, bias)), eps)
+
+    monkeypatch.setattr(F, "layer_norm", layer_norm)
+
+
+def _stream_pair(seed: int) -> tuple[DinoViT, DinoViT]:
+    """A small ViT with the fp32 stream and its copy with the bf16 stream (same weights,
+    perturbed so that the norms' affine parameters and biases are not their init)."""
+    torch.manual_seed(seed)
+    ref = build_backbone("vit_tiny", 8, depth=2, attn_backend="sdpa", img_size=32).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    lp = build_backbone("vit_tiny", 8, depth=2, attn_backend="sdpa", img_size=32, low_precision_stream=True).eval()
+    lp.load_state_dict(ref.state_dict())  # same keys: the LayerNorm subclass adds none
+    return ref, lp
+
+
+def _stream_dtypes(model: DinoViT, run) -> tuple[set[torch.dtype], torch.Tensor]:
+    """(dtypes of the residual stream: every block's output and the final norm's, run's output)."""
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype)) for m in [*model.blocks, model.norm]]
+    try:
+        out = run(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_stream_matches_the_fp32_stream_under_autocast(packed, cuda_autocast_policy):
+    """Under bf16 autocast: the fp32 stream (fp32 cls token / pos-embed promote it, autocast's
+    layer_norm returns fp32) vs the bf16 stream. Both round to bf16 (8 bits, 0.4 %), at other
+    places over two blocks: within 2.5 % of the output's scale, 4 % of each gradient's (measured
+    up to 1.3 % and 2.3 %)."""
+    ref, lp = _stream_pair(seed=7 + packed)
+    xs = views(batch=2, seed=3, device="cpu")
+    run = (lambda m: m.forward_packed(xs)) if packed else (lambda m: m(torch.cat(xs[:2])))
+    with torch.autocast("cpu", torch.bfloat16):
+        (ref_dtypes, expected), (lp_dtypes, out) = _stream_dtypes(ref, run), _stream_dtypes(lp, run)
+    assert ref_dtypes == {torch.float32} and lp_dtypes == {torch.bfloat16}
+    assert_close(out, expected, name="bf16-stream CLS", rtol=0, atol=2.5e-2 * float(expected.detach().abs().max()))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, list(lp.parameters()), g.to(out.dtype))
+    grads_ref = torch.autograd.grad(expected, list(ref.parameters()), g)
+    for (name, _), a, b in zip(ref.named_parameters(), grads, grads_ref):
+        assert a.dtype == b.dtype == torch.float32, name
+        assert_close(a, b, name=f"bf16-stream grad {name}", rtol=0, atol=4e-2 * float(b.abs().max()))
+    with torch.no_grad():  # without autocast the switch changes nothing
+        assert torch.equal(run(lp), run(ref))
+
+
+def saved_activation_bytes(model: nn.Module, run) -> tuple[int, list[tuple[torch.dtype, int]]]:
+    """Bytes of the tensors autograd saves for backward during ``run(model)``, each storage once,
+    the model's parameters excluded; and (dtype, numel) of each saved storage."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, tuple[int, torch.dtype, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = (storage.nbytes(), t.dtype, storage.nbytes() // t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(model)
+    return sum(n for n, _, _ in saved.values()), [(dtype, numel) for _, dtype, numel in saved.values()]
+
+
+def test_bf16_stream_saves_only_bf16_activations(cuda_autocast_policy):
+    """No fp32 activation of the stream's size is kept for backward (with the fp32 stream, each
+    LayerNorm keeps its fp32 input), so fewer bytes per image."""
+    ref, lp = _stream_pair(seed=3)
+    ref.train(), lp.train()
+    xs = views(batch=2, seed=5, device="cpu")
+    tokens = sum(x.shape[0] * (1 + (x.shape[-1] // 8) ** 2) for x in xs)
+
+    def run(m):
+        with torch.autocast("cpu", torch.bfloat16):
+            return m.forward_packed(xs)
+
+    (ref_bytes, ref_saved), (lp_bytes, lp_saved) = saved_activation_bytes(ref, run), saved_activation_bytes(lp, run)
+    stream = tokens * ref.embed_dim  # elements of one (1, T, D) stream tensor
+    assert any(dtype == torch.float32 and numel >= stream for dtype, numel in ref_saved)
+    big_fp32 = [(dtype, numel) for dtype, numel in lp_saved if dtype == torch.float32 and numel >= stream]
+    assert not big_fp32, f"fp32 activations saved with the bf16 stream: {big_fp32}"
+    assert lp_bytes < ref_bytes
 
 
 # --- CUDA: the real kernels, bf16 ------------------------------------------------------------

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from dino_fast.ema import TeacherEMA
-from dino_fast.ibot import PatchMasks, iBOTPatchLoss, mask_rng, sample_masks
+from dino_fast.ibot import iBOTPatchLoss
+from dino_fast.ibot_masks import PatchMasks, mask_rng, sample_masks
 from dino_fast.dino_loss import DINOLoss
 from dino_fast.models import DINOHead, MultiCropWrapper, build_backbone
 from tests.helpers import assert_close
@@ -216,9 +217,7 @@ def test_bad_inputs_raise():
 
 
 def test_resnet_backbone_refuses_masks():
-    from dino_fast.models.resnet import build_resnet
-
-    resnet = build_resnet("resnet18")
+    resnet = build_backbone("resnet18")
     wrapper = MultiCropWrapper(resnet, DINOHead(resnet.embed_dim, K, hidden_dim=24, bottleneck_dim=16),
                                patch_head="shared")
     views = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]

@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from dino_fast.models import (ARCH_ALIASES, RESNET_ARCHS, DINOHead, DinoViT, MultiCropWrapper, build_any_backbone,
+from dino_fast.models import (ARCH_ALIASES, RESNET_ARCHS, DINOHead, DinoViT, MultiCropWrapper, build_backbone,
                               build_resnet, canonical_arch, infer_resnet_arch, is_resnet_arch)
 from tests.helpers import assert_close
 
@@ -115,24 +115,27 @@ def test_multicrop_matches_official_wrapper(resnet50):
 def test_official_vit_aliases(arch):
     assert canonical_arch(arch) == official_arch(arch)
     torch.manual_seed(5)
-    model = build_any_backbone(arch, 16, drop_path_rate=0.1, depth=2)
+    model = build_backbone(arch, 16, drop_path_rate=0.1, depth=2, attn_backend="sdpa")
     assert isinstance(model, DinoViT) and not is_resnet_arch(arch)
+    assert model.attn_backend == "sdpa" and model.attn_head_dim == 64
     assert model.embed_dim == {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}[official_arch(arch)]
     assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)  # the stochastic-depth rate reaches the ViT
     assert set(ARCH_ALIASES) == {"deit_tiny", "deit_small"}
 
 
-def test_build_any_backbone_resnet_ignores_vit_options():
+def test_build_backbone_resnet_ignores_vit_options():
     """As main_dino.py, a torchvision convnet ignores --patch_size and --drop_path_rate."""
-    model = build_any_backbone("resnet18", patch_size=8, drop_path_rate=0.3)
+    model = build_backbone("resnet18", patch_size=8, drop_path_rate=0.3, attn_backend="sdpa")
     assert model.embed_dim == 512 and isinstance(model.fc, nn.Identity)
+    wrapper = MultiCropWrapper(model, DINOHead(512, 8, hidden_dim=16, bottleneck_dim=8))
+    assert wrapper.attn_backend is None and wrapper.attn_head_dim is None  # a convnet has no attention
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 512)
     assert is_resnet_arch("resnet50") and not is_resnet_arch("vit_small")
 
 
 def test_unknown_arch_and_no_download(monkeypatch):
     with pytest.raises(ValueError, match="unknown arch 'vit_huge'.*deit_small.*resnet50"):
-        build_any_backbone("vit_huge")
+        build_backbone("vit_huge")
     with pytest.raises(ValueError, match="never downloads"):
         build_resnet("resnet50", weights="IMAGENET1K_V2")
 

@@ -1,5 +1,6 @@
-"""The shape of the code base: no import cycle among dino_fast modules (function-level imports
-included: a lazy import back into a caller is still state flowing up), no module past ~450 lines."""
+"""The shape of the code base: no import cycle among the modules of dino_fast/, kernels/ and bench/
+(function-level and ``TYPE_CHECKING`` imports included: a lazy or type-only import back into a
+caller is still a dependency flowing up), no module past ~450 lines."""
 from __future__ import annotations
 
 import ast
@@ -10,9 +11,10 @@ MAX_LINES = 450
 
 
 def _modules() -> dict[str, Path]:
-    """Module name -> file, for dino_fast/ and kernels/ (installed as dino_fast.kernels)."""
+    """Module name -> file, for dino_fast/, kernels/ (installed as dino_fast.kernels) and bench/."""
     mods = {}
-    for base, pkg in ((ROOT / "dino_fast", "dino_fast"), (ROOT / "kernels", "dino_fast.kernels")):
+    for base, pkg in ((ROOT / "dino_fast", "dino_fast"), (ROOT / "kernels", "dino_fast.kernels"),
+                      (ROOT / "bench", "bench")):
         for f in base.rglob("*.py"):
             rel = f.relative_to(base).with_suffix("")
             parts = [pkg, *rel.parts]
@@ -23,15 +25,11 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """dino_fast modules that ``name`` imports anywhere but under ``if TYPE_CHECKING:``."""
+    """Project modules that ``name`` imports anywhere (``if TYPE_CHECKING:`` blocks included)."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -1,4 +1,5 @@
-"""CLS attention maps of the last block: values, the official mass threshold, PNG files."""
+"""CLS attention maps of the last block: values, the official mass threshold, PNG files; `dino-fast
+visualize` with every official visualize_attention.py flag; the forward's compute dtype."""
 from __future__ import annotations
 
 import numpy as np
@@ -144,7 +145,7 @@ def test_visualize_errors(tmp_path, vit):
 def test_main_non_image_is_one_line_naming_the_file(tmp_path, vit, capsys):
     """`dino-fast visualize` on a non-image: one line naming it, exit 2, nothing written."""
     from dino_fast.cli import main as cli_main
-    from dino_fast.pretrained import save_official_backbone
+    from dino_fast.export import save_official_backbone
 
     weights = save_official_backbone(vit, tmp_path / "w.pth")
     (tmp_path / "notes.txt").write_text("hello")
@@ -164,7 +165,7 @@ def test_main_non_image_is_one_line_naming_the_file(tmp_path, vit, capsys):
 
 
 def test_main_cli(tmp_path, vit):
-    from dino_fast.pretrained import save_official_backbone
+    from dino_fast.export import save_official_backbone
 
     weights = save_official_backbone(vit, tmp_path / "w.pth")
     write_image(tmp_path / "in.png", 50, 50)
@@ -172,3 +173,58 @@ def test_main_cli(tmp_path, vit):
                "--output_dir", str(tmp_path / "o"), "--threshold", "0.5", "--device", "cpu"])
     assert rc == 0
     assert (tmp_path / "o" / "attn-mean.png").is_file() and (tmp_path / "o" / "mask_th0.5_head2.png").is_file()
+
+
+# ----------------------------------------------------------------------------- official command lines
+def official_visualize_parser():
+    """visualize_attention.py's parser, transcribed (help texts left out)."""
+    import argparse
+
+    parser = argparse.ArgumentParser('Visualize Self-Attention maps')
+    parser.add_argument('--arch', default='vit_small', type=str, choices=['vit_tiny', 'vit_small', 'vit_base'])
+    parser.add_argument('--patch_size', default=8, type=int)
+    parser.add_argument('--pretrained_weights', default='', type=str)
+    parser.add_argument("--checkpoint_key", default="teacher", type=str)
+    parser.add_argument("--image_path", default=None, type=str)
+    parser.add_argument("--image_size", default=(480, 480), type=int, nargs="+")
+    parser.add_argument('--output_dir', default='.')
+    parser.add_argument("--threshold", type=float, default=None)
+    return parser
+
+
+def test_visualize_takes_every_official_flag():
+    from dino_fast.eval.visualize import build_parser
+    from tests.test_knn import assert_official_flags
+
+    assert_official_flags(build_parser(), official_visualize_parser(), "visualize_attention.py")
+
+
+def test_official_visualize_command_line(tmp_path, vit, capsys):
+    """Every visualize_attention.py flag at its default (--threshold None: no masks, as there),
+    then the image size shrunk; the arch/patch defaults differ from the weights: one warning."""
+    from dino_fast.export import save_official_backbone
+
+    weights = save_official_backbone(vit, tmp_path / "w.pth")
+    write_image(tmp_path / "in.png", 50, 50)
+    out = tmp_path / "o"
+    argv = ["--arch", "vit_small", "--patch_size", "8", "--checkpoint_key", "teacher", "--image_size", "480", "480",
+            "--output_dir", ".", "--pretrained_weights", str(weights), "--image_path", str(tmp_path / "in.png"),
+            "--image_size", "48", "--output_dir", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    assert "wrote 6 images" in capsys.readouterr().out
+    assert not list(out.glob("mask_th*")) and (out / "attn-head2.png").is_file()
+    with pytest.raises(ConfigError, match="--image_path is needed"):
+        main(["--pretrained_weights", str(weights), "--output_dir", str(out)])
+    with pytest.raises(ConfigError, match="--pretrained_weights is needed"):
+        main(["--image_path", str(tmp_path / "in.png"), "--output_dir", str(out)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_visualize_runs_in_the_given_dtype(tmp_path, vit, monkeypatch, dtype):
+    import dino_fast.eval.visualize as visualize
+    from tests.test_knn import record_autocast
+
+    seen = record_autocast(monkeypatch, visualize, "cls_attention")
+    write_image(tmp_path / "in.png", 40, 40)
+    visualize_attention(vit, tmp_path / "in.png", tmp_path / "o", image_size=32, threshold=None, dtype=dtype)
+    assert seen == [dtype]

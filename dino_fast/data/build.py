@@ -2,7 +2,8 @@
 :func:`build_train_data`, so what is measured is what training runs.
 
 Both back-ends give the same sample order for a seed (``(seed, epoch)`` permutation, sharded by
-rank, resumable at any batch) and the same augmentation recipe; views arrive on ``device``.
+rank, resumable at any batch) and the same augmentation recipe (one :class:`DINOMultiCrop`); views
+arrive on ``device``. ``data_path`` is an image folder or a shard folder (``dino-fast pack``).
 """
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from typing import Any, Iterator
 
 import torch
 
+from dino_fast.data.multicrop import DINOMultiCrop
 from dino_fast.errors import ConfigError, DataError
 
-__all__ = ["TrainData", "build_train_data", "resolve_data_backend"]
+__all__ = ["DATA_BACKENDS", "TrainData", "build_train_data", "resolve_data_backend"]
+
+DATA_BACKENDS = ("auto", "dali", "torchvision")
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +44,25 @@ class TrainData:
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.backend, self.why = resolve_data_backend(cfg.data_backend, device)
         if not cfg.data_path:
-            raise ConfigError("config data_path is empty: give --data_path <ImageFolder root> (or use `dino-fast demo`)")
+            raise ConfigError("config data_path is empty: give --data_path <ImageFolder root or shard folder> "
+                              "(or use `dino-fast demo`)")
+        # One recipe object for both back-ends (the public transform users build the same way).
+        self.multicrop = DINOMultiCrop.from_config(cfg)
         if self.backend == "dali":
-            from dino_fast.data.dali import DALIMultiCropLoader
-
             on_gpu = device.type == "cuda"
             # Views come out in the compute dtype (the last photometric op casts): no cast in the step.
-            self.loader = DALIMultiCropLoader(
-                cfg.data_path, batch_size=cfg.batch_size_per_gpu, global_crops_scale=cfg.global_crops_scale,
-                local_crops_scale=cfg.local_crops_scale, local_crops_number=cfg.local_crops_number,
-                global_crops_size=cfg.global_crops_size, local_crops_size=cfg.local_crops_size,
-                device="gpu" if on_gpu else "cpu", device_id=device.index if on_gpu else None,
-                num_threads=max(1, cfg.num_workers), seed=cfg.seed, shard_id=rank, num_shards=world, dtype=dtype)
+            self.loader = self.multicrop.dali_loader(
+                cfg.data_path, batch_size=cfg.batch_size_per_gpu, device="gpu" if on_gpu else "cpu",
+                device_id=device.index if on_gpu else None, num_threads=max(1, cfg.num_workers), seed=cfg.seed,
+                shard_id=rank, num_shards=world, dtype=dtype)
             self.num_batches = len(self.loader)
             self.sampler = None
             self.view_dtype = dtype
         else:
-            from dino_fast.data.folder import ImageFolderDataset, collate_views
+            from dino_fast.data.folder import collate_views
             from dino_fast.data.sampling import ResumableSampler, SeededDataset
-            from dino_fast.data.transforms import DataAugmentationDINO
 
-            transform = DataAugmentationDINO(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
-                                             cfg.global_crops_size, cfg.local_crops_size)
-            self.dataset = ImageFolderDataset(cfg.data_path, transform=transform)
+            self.dataset = self.multicrop.dataset(cfg.data_path)  # an image folder, or shards (dino-fast pack)
             if len(self.dataset) < cfg.batch_size_per_gpu * world:
                 raise DataError(f"{len(self.dataset)} images in {cfg.data_path} is fewer than one global batch "
                                 f"({cfg.batch_size_per_gpu} x {world} ranks)")
@@ -87,6 +87,20 @@ class TrainData:
     def describe(self) -> str:
         """One line for the start-up log: which loader and why."""
         return f"{self.backend} ({self.why}), views in {str(self.view_dtype).replace('torch.', '')}"
+
+    def identity(self) -> dict[str, Any]:
+        """What this run trains on, recorded in its checkpoints so that a resume can tell changed
+        data: the root, the classes, the number of images and a fingerprint of the file list (sha1
+        of the sorted paths relative to the root; the files DALI's check skipped count too, so both
+        loaders give the same identity). Cheap: no file is read."""
+        import hashlib
+        import os
+
+        source = self.loader if self.backend == "dali" else self.dataset
+        root = str(source.root)
+        paths = sorted(os.path.relpath(p, root) for p, _ in [*source.samples, *getattr(source, "skipped", [])])
+        digest = hashlib.sha1("\n".join(paths).encode())
+        return {"root": root, "classes": list(source.classes), "images": len(paths), "fingerprint": digest.hexdigest()}
 
 
 def build_train_data(cfg: Any, device: torch.device, rank: int = 0, world: int = 1,

@@ -47,7 +47,16 @@ batch_size), shard ``k`` taking column ``k``. ``last_batch="drop"`` drops the ta
 not fill a global batch (the official behaviour); ``"pad"`` fills it by wrapping around the
 permutation. Files are read in Python and fed through ``fn.external_source`` (rather than
 ``fn.readers.file``, whose shuffle is not seeded by the user seed), so the order is a pure
-function of (seed, epoch) and ``set_epoch`` can start anywhere.
+function of (seed, epoch) and ``set_epoch`` can start anywhere. ``root`` is an image folder or a
+shard folder written by ``dino-fast pack`` (:mod:`dino_fast.data.shards`: members read by
+(shard, offset, size) from the index, in the same external source, so both give the same batches).
+
+The loader runs ahead of the step (``prefetch_batches``, default 2): a feeder thread
+(:mod:`dino_fast.data.feeder`) reads the files, draws the batch, builds the crop windows, runs the
+DALI pipeline and the photometric ops, and keeps that many finished batches queued; in GPU mode it
+launches the photometric ops on a side CUDA stream and the consumer's stream waits on an event
+(no host sync). ``prefetch_batches=0`` does all of it inline in the thread that calls ``next()``:
+the batches are bit-identical either way.
 
 Files are checked up front (:mod:`dino_fast.data.dali_validate`: broken files and
 decompression bombs are skipped with a warning naming each, counted in :attr:`num_skipped`).
@@ -55,7 +64,8 @@ decompression bombs are skipped with a warning naming each, counted in :attr:`nu
 GPU mode (not measurable on the CPU machines this was written on): decode is ``mixed``
 (nvJPEG, ``hw_decoder_load`` of the JPEGs on the hardware decoder of A100 / H100 / H200), the
 crops run as GPU resizes, the photometric ops as ~25 torch kernels per resolution on the
-default stream; the only host-to-device traffic per batch is two small pinned copies (the
+feeder thread's side stream (the default stream with ``prefetch_batches=0``); the only
+host-to-device traffic per batch is two small pinned copies (the
 draws, and labels + which views blur / solarize), so nothing syncs. ROI decoding
 (``fn.decoders.image_slice`` / ``image_random_crop``) is not used: it decodes one window per
 call, and the 2 + N windows of an image cover most of it, so one full decode serves them all.
@@ -63,18 +73,18 @@ call, and the 2 + N windows of an image cover most of it, so one full decode ser
 from __future__ import annotations
 
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dino_fast.data import batch_augment as aug
-from dino_fast.data.dali_validate import bomb_problem, inspect_image_bytes, inspect_image_file, pixel_limit
-from dino_fast.data.folder import IMG_EXTENSIONS, CorruptImageWarning, DataError, ImageFolderDataset
+from dino_fast.data.dali_validate import bomb_problem, inspect_image_bytes, validate_samples
+from dino_fast.data.feeder import Feeder
+from dino_fast.data.folder import IMG_EXTENSIONS, DataError
 from dino_fast.data.recipe import DECISIONS, GLOBAL_CROPS_SCALE, LOCAL_CROPS_SCALE, view_recipes
+from dino_fast.data.shards import open_dataset
 
 try:  # DALI is optional: without it this module still imports and dali_available() is False.
     import nvidia.dali.types as types
@@ -89,9 +99,6 @@ __all__ = ["DALIMultiCropLoader", "dali_available", "PARAM_NAMES"]
 
 # Keys of the per-view record returned with return_params=True.
 PARAM_NAMES = DECISIONS + ("brightness", "contrast", "saturation", "hue", "blur_sigma")
-
-_MAX_WARNINGS = 20  # one warning per skipped file up to this many, then a summary
-
 
 def dali_available() -> bool:
     """True when ``nvidia.dali`` and its PyTorch plugin import."""
@@ -148,7 +155,8 @@ class DALIMultiCropLoader:
     completed epoch, starting at 0). ``len()`` is the number of batches that iteration yields.
     Sharding: ``shard_id`` = rank, ``num_shards`` = world size; every shard gets the same number
     of batches. ``hw_decoder_load``: share of the JPEGs sent to the GPU's hardware decoder
-    (``mixed`` decoding only; A100 / H100 / H200 have one).
+    (``mixed`` decoding only; A100 / H100 / H200 have one). ``prefetch_batches``: finished batches
+    the feeder thread keeps ahead of ``next()`` (0: no thread, all work inline).
     """
 
     def __init__(self, root: str | os.PathLike, batch_size: int,
@@ -159,7 +167,7 @@ class DALIMultiCropLoader:
                  shard_id: int = 0, num_shards: int = 1, shuffle: bool = True,
                  dtype: torch.dtype = torch.float32, last_batch: str = "drop", return_params: bool = False,
                  validate: str = "header", prefetch_queue_depth: int = 2, hw_decoder_load: float = 0.65,
-                 extensions: Sequence[str] = IMG_EXTENSIONS) -> None:
+                 extensions: Sequence[str] = IMG_EXTENSIONS, prefetch_batches: int = 2) -> None:
         if not dali_available():
             raise ImportError(f"nvidia.dali is not usable ({type(_DALI_IMPORT_ERROR).__name__}: "
                               f"{_DALI_IMPORT_ERROR}); install nvidia-dali-cuda130 or use the torchvision loader")
@@ -183,6 +191,7 @@ class DALIMultiCropLoader:
             raise ValueError(f"shard_id={shard_id} must be < num_shards={num_shards}")
         self.num_threads = _check_int("num_threads", num_threads, 1)
         self.prefetch_queue_depth = _check_int("prefetch_queue_depth", prefetch_queue_depth, 1)
+        self.prefetch_batches = _check_int("prefetch_batches", prefetch_batches, 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if dtype not in _DTYPES:
@@ -198,16 +207,16 @@ class DALIMultiCropLoader:
         self.hw_decoder_load = float(hw_decoder_load)
         self._torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
 
-        folder = ImageFolderDataset(root, extensions=extensions)  # DataError on a missing / empty folder
-        self.root, self.classes, self.class_to_idx = folder.root, folder.classes, folder.class_to_idx
-        self.skipped: list[tuple[str, str]] = []
-        self.samples, self._sizes = self._validated(folder.samples, validate)
+        # An image folder or a shard folder; DataError on a missing / empty one.
+        self._source = source = open_dataset(root, extensions=extensions)
+        self.root, self.classes, self.class_to_idx = source.root, source.classes, source.class_to_idx
+        self._src_index, self._sizes, self.skipped = validate_samples(source, validate)
+        self.samples = [source.samples[k] for k in self._src_index]
         n, global_batch = len(self.samples), self.batch_size * self.num_shards
         self.batches_per_epoch = n // global_batch if last_batch == "drop" else -(-n // global_batch)
         if self.batches_per_epoch == 0:
             raise DataError(f"{n} usable images in {self.root} is fewer than one global batch "
                             f"({self.batch_size} x {self.num_shards} shards) with last_batch='drop'")
-        self._paths = [p for p, _ in self.samples]
         self._labels = np.array([label for _, label in self.samples], np.int64)
 
         self._views = view_recipes(self.global_crops_scale, self.local_crops_scale, local_crops_number,
@@ -218,6 +227,7 @@ class DALIMultiCropLoader:
         self._stream_start = self._fed = self._delivered = 0
         self._pending: dict[int, dict[str, Any]] = {}  # host side of each batch fed to DALI, by stream position
         self._order_cache: dict[int, np.ndarray] = {}
+        self._feeder: Feeder | None = None
 
     # -- dataset facts ------------------------------------------------------------------------------------------
     @property
@@ -236,35 +246,6 @@ class DALIMultiCropLoader:
         return (f"{type(self).__name__}(root={str(self.root)!r}, images={len(self.samples)}, "
                 f"skipped={self.num_skipped}, batch_size={self.batch_size}, views={self.num_views}, "
                 f"device={self.device!r}, shard={self.shard_id}/{self.num_shards})")
-
-    def _validated(self, samples: list[tuple[str, int]], mode: str) -> tuple[list[tuple[str, int]], np.ndarray]:
-        """The usable samples and their (height, width) (-1 where not read: mode 'none')."""
-        if mode == "none":
-            return list(samples), np.full((len(samples), 2), -1, np.int64)
-        with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 2)) as pool:
-            results = list(pool.map(lambda s: inspect_image_file(s[0], mode), samples))
-        good, sizes, large = [], [], []
-        limit = pixel_limit()
-        for (path, label), (problem, size) in zip(samples, results):
-            if problem is None:
-                good.append((path, label))
-                sizes.append(size)
-                if limit is not None and size[0] * size[1] > limit:
-                    large.append(f"{path} ({size[1]}x{size[0]})")
-                continue
-            self.skipped.append((path, problem))
-            if len(self.skipped) <= _MAX_WARNINGS:
-                warnings.warn(f"skipping unreadable image {path}: {problem}", CorruptImageWarning, stacklevel=3)
-        if len(self.skipped) > _MAX_WARNINGS:
-            warnings.warn(f"skipped {len(self.skipped)} unreadable images in {self.root} in all "
-                          f"(the first {_MAX_WARNINGS} named above; see .skipped)", CorruptImageWarning, stacklevel=3)
-        if large:  # PIL's DecompressionBombWarning range: decoded, as the torchvision path does, but said
-            warnings.warn(f"{len(large)} images over PIL.Image.MAX_IMAGE_PIXELS ({limit}) pixels, decoded "
-                          f"anyway (refused above twice that): {', '.join(large[:5])}", Image.DecompressionBombWarning,
-                          stacklevel=3)
-        if not good:
-            raise DataError(f"no decodable image in {self.root}: all {len(samples)} files failed the check")
-        return good, np.array(sizes, np.int64).reshape(-1, 2)
 
     # -- order ------------------------------------------------------------------------------------------------
     def epoch_indices(self, epoch: int) -> np.ndarray:
@@ -296,7 +277,7 @@ class DALIMultiCropLoader:
         sizes = self._sizes[idx]
         for k in np.flatnonzero(sizes[:, 0] < 0):
             problem, size = inspect_image_bytes(data[k].tobytes())
-            path = self._paths[idx[k]]
+            path = self._source.describe(int(self._src_index[idx[k]]))
             if size is None or bomb_problem(size):
                 raise DataError(f"cannot use {path} ({bomb_problem(size) if size else problem}); rebuild the loader "
                                 f"with validate='header' (or 'full') to skip such files")
@@ -312,7 +293,7 @@ class DALIMultiCropLoader:
         self._fed += 1
         epoch, b = divmod(g, self.batches_per_epoch)
         idx = self.epoch_indices(epoch)[b]
-        data = list(self._io.map(lambda i: np.fromfile(self._paths[i], dtype=np.uint8), idx.tolist()))
+        data = list(self._io.map(self._source.read_bytes, self._src_index[idx].tolist()))
         draws = aug.draw_batch(aug.batch_rng(self.seed, epoch, b, self.shard_id), self._sizes_of(idx, data),
                                self._views)
         self._pending[g] = {"index": idx, "draws": draws, "params": aug.view_params(draws)}
@@ -343,15 +324,39 @@ class DALIMultiCropLoader:
         self._pending.clear()
 
     def close(self) -> None:
-        """Release the pipeline and the file-reading threads; the loader cannot be iterated afterwards."""
+        """Stop the feeder thread, release the pipeline and the file-reading threads; the loader cannot be
+        iterated afterwards."""
+        self._stop_feeder()
         self.close_pipeline()
         self._io.shutdown(wait=False)
 
+    def _stop_feeder(self) -> None:
+        if self._feeder is not None:
+            self._feeder.close()
+            self._feeder = None
+
     def __iter__(self) -> Iterator[tuple]:
+        self._stop_feeder()  # an earlier iterator left part-way: its thread must not drive the pipeline any more
         target = self._epoch * self.batches_per_epoch + self._start_batch
         if self._pipe is None or self._stream_start + self._delivered != target:
             self._build(target)  # first epoch, resume, or a previous epoch left part-way
-        for _ in range(self._start_batch, self.batches_per_epoch):
+        batches = self._batches(self.batches_per_epoch - self._start_batch)
+        if self.prefetch_batches:
+            feeder = self._feeder = Feeder(batches, self.prefetch_batches, "dino-fast-dali-feeder", self._torch_device)
+            try:
+                yield from feeder
+            finally:  # done, closed, garbage-collected or left part-way: no thread outlives the iterator
+                feeder.close()
+                if self._feeder is feeder:
+                    self._feeder = None
+        else:
+            yield from batches
+        self._epoch, self._start_batch = self._epoch + 1, 0
+
+    def _batches(self, n: int) -> Iterator[tuple]:
+        """The next ``n`` batches of the stream: DALI's outputs and the photometric ops (in the feeder thread
+        when there is one)."""
+        for _ in range(n):
             try:
                 out = next(self._iter)[0]
             except StopIteration:  # not expected: the stream is endless
@@ -366,7 +371,6 @@ class DALIMultiCropLoader:
             meta = self._pending.pop(self._stream_start + self._delivered)
             self._delivered += 1
             yield self._convert(out, meta)
-        self._epoch, self._start_batch = self._epoch + 1, 0
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the views' device: pinned and copied without blocking on the GPU."""

@@ -21,11 +21,18 @@ from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
 
+import numpy as np
 from PIL import Image
 
-__all__ = ["inspect_image_file", "inspect_image_bytes", "validate_image_file", "pixel_limit", "bomb_problem"]
+from dino_fast.data.listing import CorruptImageWarning
+from dino_fast.errors import DataError
+
+__all__ = ["inspect_image_file", "inspect_image_bytes", "inspect_image_stream", "validate_image_file", "pixel_limit",
+           "bomb_problem", "validate_samples"]
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -33,6 +40,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # (more only for unusual files), not the whole data set.
 _HEAD_BYTES = 16384
 _TAIL_BYTES = 4096
+_MAX_WARNINGS = 20  # one warning per skipped file up to this many, then a summary
 
 Size = tuple[int, int]  # (height, width)
 
@@ -168,6 +176,48 @@ def inspect_image_bytes(data: bytes) -> tuple[str | None, Size | None]:
     return _inspect(io.BytesIO(data), len(data), "header")
 
 
+def inspect_image_stream(f: BinaryIO, size: int, mode: str = "header") -> tuple[str | None, Size | None]:
+    """:func:`inspect_image_file` on an open binary stream of ``size`` bytes (``read``/``seek``), e.g. one
+    member of a tar shard."""
+    if mode == "none":
+        return None, None
+    return _inspect(f, size, mode)
+
+
 def validate_image_file(path: str, mode: str = "header") -> str | None:
     """The reason ``path`` cannot be decoded, or None if it looks fine (see the module docstring)."""
     return inspect_image_file(path, mode)[0]
+
+
+def validate_samples(dataset: Any, mode: str) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Check every sample of ``dataset`` (an image folder or shard dataset: ``samples``, ``inspect(k, mode)``,
+    ``describe(k)``): (positions of the usable samples, their (height, width) (-1 where not read: mode
+    'none'), [(name, reason)] of those skipped, each warned up to 20, then a count)."""
+    n = len(dataset.samples)
+    if mode == "none":
+        return np.arange(n), np.full((n, 2), -1, np.int64), []
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 2)) as pool:
+        results = list(pool.map(lambda k: dataset.inspect(k, mode), range(n)))
+    good, sizes, large, skipped = [], [], [], []
+    limit = pixel_limit()
+    for k, (problem, size) in enumerate(results):
+        if problem is None:
+            good.append(k)
+            sizes.append(size)
+            if limit is not None and size[0] * size[1] > limit:
+                large.append(f"{dataset.describe(k)} ({size[1]}x{size[0]})")
+            continue
+        skipped.append((dataset.samples[k][0], problem))
+        if len(skipped) <= _MAX_WARNINGS:
+            warnings.warn(f"skipping unreadable image {dataset.describe(k)}: {problem}", CorruptImageWarning,
+                          stacklevel=3)
+    if len(skipped) > _MAX_WARNINGS:
+        warnings.warn(f"skipped {len(skipped)} unreadable images in {dataset.root} in all (the first "
+                      f"{_MAX_WARNINGS} named above; see .skipped)", CorruptImageWarning, stacklevel=3)
+    if large:  # PIL's DecompressionBombWarning range: decoded, as the torchvision path does, but said
+        warnings.warn(f"{len(large)} images over PIL.Image.MAX_IMAGE_PIXELS ({limit}) pixels, decoded anyway "
+                      f"(refused above twice that): {', '.join(large[:5])}", Image.DecompressionBombWarning,
+                      stacklevel=3)
+    if not good:
+        raise DataError(f"no decodable image in {dataset.root}: all {n} files failed the check")
+    return np.array(good, np.int64), np.array(sizes, np.int64).reshape(-1, 2), skipped

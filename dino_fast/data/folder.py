@@ -3,9 +3,10 @@
 The train loader itself is built by :func:`dino_fast.data.build.build_train_data` (both back-ends).
 
 Layout: ``root/<class>/**/<image>``; class names sorted -> labels 0..C-1 (as
-torchvision's ImageFolder). Problems with the folder itself fail at construction
-with a :class:`DataError` naming the path; an unreadable image inside an epoch is
-skipped (the next index is used instead) and reported once with a warning.
+torchvision's ImageFolder), listed by :func:`dino_fast.data.listing.list_folder` (symlink-safe,
+cached index). Problems with the folder itself fail at construction with a :class:`DataError`
+naming the path; an unreadable image inside an epoch is skipped (the next index is used
+instead) and reported once with a warning.
 """
 from __future__ import annotations
 
@@ -14,39 +15,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dino_fast.data.listing import IMG_EXTENSIONS, CorruptImageWarning, list_folder, normalize_extensions
 from dino_fast.errors import DataError
 
 __all__ = ["DataError", "CorruptImageWarning", "ImageFolderDataset", "IMG_EXTENSIONS", "collate_views"]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
 # What PIL raises on truncated, random or otherwise undecodable files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class CorruptImageWarning(UserWarning):
-    """An image could not be decoded and was replaced by another sample."""
-
-
-def _normalize_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(extensions, str) or not extensions or not all(isinstance(e, str) and e for e in extensions):
-        raise TypeError(f"extensions must be a non-empty sequence of strings like ('.jpg', '.png'), got {extensions!r}")
-    return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-
-
-def _list_images(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """Image files under ``folder`` (recursive, symlinks followed, sorted, hidden entries skipped)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
-                found.append(Path(dirpath) / name)
-    return found
 
 
 class ImageFolderDataset(Dataset):
@@ -58,34 +38,29 @@ class ImageFolderDataset(Dataset):
     file once, and the file is counted in :attr:`num_corrupt`.
 
     Attributes: ``root``, ``classes`` (sorted names), ``class_to_idx``, ``samples``
-    (list of ``(path, label)``), ``targets`` (labels).
+    (list of ``(path, label)``), ``targets`` (labels), ``skipped_links`` (links not followed).
+    ``use_index=False`` always scans (no index read or written); ``rescan=True`` scans and
+    rewrites the index.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image], Any] | None = None,
-                 extensions: Sequence[str] = IMG_EXTENSIONS) -> None:
+                 extensions: Sequence[str] = IMG_EXTENSIONS, *, use_index: bool = True, rescan: bool = False) -> None:
         self.root = Path(root).expanduser()
         self.transform = transform
-        self.extensions = _normalize_extensions(extensions)
-        if not self.root.exists():
-            raise DataError(f"data folder not found: {self.root}")
-        if not self.root.is_dir():
-            raise DataError(f"data path is not a directory: {self.root}")
-        self.classes = sorted(e.name for e in os.scandir(self.root)
-                              if e.is_dir() and not e.name.startswith("."))
-        if not self.classes:
-            raise DataError(f"no class folders in {self.root} (expected {self.root}/<class>/<image>)")
+        self.extensions = normalize_extensions(extensions)
+        listing = list_folder(self.root, self.extensions, use_index=use_index, rescan=rescan)
+        self.classes = listing.classes
         self.class_to_idx = {c: k for k, c in enumerate(self.classes)}
-        per_class = {c: _list_images(self.root / c, self.extensions) for c in self.classes}
+        self.skipped_links = listing.skipped
         exts = "/".join(self.extensions)
-        if not any(per_class.values()):
+        if not any(listing.files):
             raise DataError(f"no images ({exts}) found under {self.root} in any of its {len(self.classes)} "
                             f"class folders")
-        empty = [c for c in self.classes if not per_class[c]]
+        empty = [c for c, files in zip(self.classes, listing.files) if not files]
         if empty:
             more = f" (and {len(empty) - 1} other class folders)" if len(empty) > 1 else ""
             raise DataError(f"class folder '{empty[0]}' has no images ({exts}): {self.root / empty[0]}{more}")
-        self.samples: list[tuple[str, int]] = [(str(p), self.class_to_idx[c]) for c in self.classes
-                                               for p in per_class[c]]
+        self.samples: list[tuple[str, int]] = listing.samples()
         self.targets = [label for _, label in self.samples]
         self._corrupt: set[str] = set()
 
@@ -109,19 +84,39 @@ class ImageFolderDataset(Dataset):
         with Image.open(path) as img:
             return img.convert("RGB")
 
+    # The three ways to read sample k; a dataset over other storage (shards.ShardDataset) overrides them.
+    def decode(self, k: int) -> Image.Image:
+        """Sample ``k`` decoded as RGB (raises what PIL raises on a broken file)."""
+        return self.load_image(self.samples[k][0])
+
+    def read_bytes(self, k: int) -> np.ndarray:
+        """Sample ``k``'s encoded bytes (uint8), for a decoder that is not PIL (DALI)."""
+        return np.fromfile(self.samples[k][0], dtype=np.uint8)
+
+    def describe(self, k: int) -> str:
+        """Sample ``k`` named for a warning: its path."""
+        return self.samples[k][0]
+
+    def inspect(self, k: int, mode: str = "header") -> tuple[str | None, tuple[int, int] | None]:
+        """(why sample ``k`` cannot be decoded or None, its (height, width)): :mod:`.dali_validate`."""
+        from dino_fast.data.dali_validate import inspect_image_file
+
+        return inspect_image_file(self.samples[k][0], mode)
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for dataset of {n} samples")
         index %= n
         for step in range(n):
-            path, label = self.samples[(index + step) % n]
+            k = (index + step) % n
+            name, label = self.samples[k]
             try:
-                img = self.load_image(path)
+                img = self.decode(k)
             except _DECODE_ERRORS as e:
-                if path not in self._corrupt:
-                    self._corrupt.add(path)
-                    warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e}); "
+                if name not in self._corrupt:
+                    self._corrupt.add(name)
+                    warnings.warn(f"skipping unreadable image {self.describe(k)} ({type(e).__name__}: {e}); "
                                   f"the next sample is used instead", CorruptImageWarning, stacklevel=2)
                 continue
             return (self.transform(img) if self.transform is not None else img), label

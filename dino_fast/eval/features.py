@@ -20,6 +20,7 @@ from torch import nn
 
 from dino_fast.data.recipe import IMAGENET_MEAN, IMAGENET_STD  # the one definition
 from dino_fast.errors import ConfigError, DataError
+from dino_fast.precision import autocast, compute_dtype
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "backbone_features", "extract_features",
            "feature_cache_key", "weights_digest", "match_classes", "resolve_n_last_blocks", "resolve_device"]
@@ -235,14 +236,15 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device | 
     """Features and labels of every batch ``(images, labels)`` of ``loader``.
 
     Returns ``(features (N, F) float32, labels (N,) int64)`` on the CPU, in loader
-    order. ``dtype`` is the compute dtype: None means bf16 autocast on CUDA and
-    fp32 elsewhere; ``torch.float32`` disables autocast. With ``cache_path`` the
+    order. ``dtype`` is the compute dtype (a training run passes its own): None means
+    ``precision.compute_dtype("auto", device)`` (bf16 autocast on CUDA, fp32 elsewhere);
+    ``torch.float32`` disables autocast. With ``cache_path`` the
     result is stored there and reused while the model weights, the dataset's file
     list and transform, and these options are unchanged (the loader must then be
     deterministic: no random augmentation, no shuffling)."""
     device = torch.device(device)
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = compute_dtype("auto", device)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"extract_features: dtype must be float32, bfloat16 or float16, got {dtype}")
     options = {"n_last_blocks": n_last_blocks, "avgpool": bool(avgpool), "dtype": str(dtype),
@@ -257,7 +259,6 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device | 
 
     was_training = model.training
     model.eval()
-    autocast = dtype != torch.float32
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     try:
@@ -270,7 +271,7 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device | 
                                 f"{type(batch).__name__}")
             images, target = batch[0], batch[1]
             images = images.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=dtype, enabled=autocast):
+            with autocast(dtype, device):
                 f = backbone_features(model, images, n_last_blocks, avgpool)
             # Host copy per batch: a dataset's features (ImageNet: millions x n*D) would not
             # fit next to the model in GPU memory; evaluation is not the training hot loop.

@@ -13,8 +13,15 @@ deterministic view per image) or on the fly (:func:`run_linear_probe_online`,
 the official way, with random-resized-crop + flip augmentation each epoch).
 
 Train and val classes are matched by folder NAME (differing classes are an error unless
-``--allow_class_mismatch``; one class is an error); ``--n_last_blocks`` defaults to
-min(4, depth) of the backbone.
+``--allow_class_mismatch``; one class is an error).
+
+``dino-fast linear`` (:func:`main`) takes ``eval_linear.py`` command lines unchanged: every
+official flag with its official type and default (``--evaluate``, ``--val_freq``,
+``--num_labels``, ``--avgpool_patchtokens true``). What differs: the default mode trains on
+cached center-crop features (``--mode online`` is the official augmented recipe); the official
+default ``--n_last_blocks 4`` is capped at a shallower backbone's depth; the architecture is read
+off the weights; ``--evaluate`` reads a local classifier (``--linear_weights``), nothing is
+downloaded; one process (``--dist_url`` / ``--local_rank`` accepted and ignored).
 """
 from __future__ import annotations
 
@@ -30,38 +37,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from dino_fast.errors import ConfigError, DataError
+from dino_fast.precision import autocast, compute_dtype
 from dino_fast.eval.features import (IMAGENET_MEAN, IMAGENET_STD, backbone_features, eval_transform, extract_features,
                                      match_classes, resolve_device, resolve_n_last_blocks)
+from dino_fast.eval.linear_classifier import (LinearClassifier, accuracy, load_linear_classifier,
+                                              save_linear_checkpoint)
 
 __all__ = ["LinearClassifier", "run_linear_probe", "run_linear_probe_online", "accuracy", "save_linear_checkpoint",
            "load_linear_classifier", "build_parser", "main"]
 
 log = logging.getLogger(__name__)
-
-
-class LinearClassifier(nn.Module):
-    """The official linear layer on frozen features (keys ``linear.weight``/``linear.bias``)."""
-
-    def __init__(self, dim: int, num_labels: int = 1000) -> None:
-        super().__init__()
-        if dim <= 0 or num_labels <= 0:
-            raise ValueError(f"LinearClassifier: dim and num_labels must be positive, got {dim}, {num_labels}")
-        self.num_labels = num_labels
-        self.linear = nn.Linear(dim, num_labels)
-        self.linear.weight.data.normal_(mean=0.0, std=0.01)
-        self.linear.bias.data.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))  # (B, num_labels)
-
-
-def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
-    """Number of correct predictions within the top-k for each k (k capped at the class count);
-    tensors on the logits' device, so that accumulating them costs no host sync."""
-    maxk = min(max(topk), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices  # (B, maxk)
-    correct = pred.eq(target[:, None])
-    return [correct[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
 
 
 def _check_feats(feats: torch.Tensor, labels: torch.Tensor, name: str) -> None:
@@ -80,38 +65,13 @@ def _check_feats(feats: torch.Tensor, labels: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: no samples")
 
 
-def save_linear_checkpoint(path: str | os.PathLike, classifier: LinearClassifier, extra: dict[str, Any]) -> Path:
-    """Write ``{"state_dict", "num_labels", "dim", **extra}`` with torch.save,
-    atomically (tmp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
-            "num_labels": classifier.num_labels, "dim": classifier.linear.in_features, **extra}
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_linear_classifier(path: str | os.PathLike) -> LinearClassifier:
-    """Load a classifier saved by :func:`save_linear_checkpoint` (or an official
-    ``eval_linear.py`` checkpoint: ``state_dict`` with ``module.linear.*`` keys)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "state_dict" not in blob:
-        raise ValueError(f"{path}: not a linear-probe checkpoint (no 'state_dict' entry)")
-    sd = {k.removeprefix("module."): v for k, v in blob["state_dict"].items()}
-    if set(sd) != {"linear.weight", "linear.bias"}:
-        raise ValueError(f"{path}: expected keys linear.weight/linear.bias, got {sorted(sd)}")
-    num_labels, dim = sd["linear.weight"].shape
-    clf = LinearClassifier(dim, num_labels)
-    clf.load_state_dict(sd)
-    return clf
-
-
 def _fit(classifier: LinearClassifier, train_epoch: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
          val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], epochs: int, lr_scaled: float,
-         device: torch.device, val_every: int, progress: bool) -> dict[str, Any]:
-    """The official training loop: SGD(momentum .9, wd 0) + per-epoch cosine lr."""
+         device: torch.device, val_freq: int, progress: bool) -> dict[str, Any]:
+    """The official training loop: SGD(momentum .9, wd 0) + per-epoch cosine lr; validation at
+    epochs 0, val_freq, 2 val_freq, ... and the last (official ``epoch % val_freq == 0``)."""
+    if isinstance(val_freq, bool) or not isinstance(val_freq, int) or val_freq < 1:
+        raise ConfigError(f"linear probe: val_freq must be an int >= 1, got {val_freq!r}")
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr_scaled, momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
     history: list[dict[str, Any]] = []
@@ -133,7 +93,7 @@ def _fit(classifier: LinearClassifier, train_epoch: Callable[[int], Iterable[tup
             n_seen += y.shape[0]
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch, "lr": epoch_lr, "train_loss": (loss_sum / max(n_seen, 1)).item()}
-        if (epoch + 1) % val_every == 0 or epoch == epochs - 1:
+        if epoch % val_freq == 0 or epoch == epochs - 1:
             last = _evaluate(classifier, val_batches())
             record.update(last)
             if last["top1"] > best["top1"]:
@@ -183,7 +143,7 @@ def _scaled_lr(lr: float, batch_size: int) -> float:
 def run_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                      val_labels: torch.Tensor, epochs: int = 100, lr: float = 1e-3, batch_size: int = 1024,
                      num_classes: int | None = None, device: torch.device | str | None = None, seed: int = 0,
-                     output_path: str | os.PathLike | None = None, val_every: int = 1,
+                     output_path: str | os.PathLike | None = None, val_freq: int = 1,
                      progress: bool = False) -> dict[str, Any]:
     """Train the official linear classifier on cached frozen features and evaluate it.
 
@@ -228,20 +188,21 @@ def run_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
         for i in range(0, xv.shape[0], batch_size):
             yield xv[i:i + batch_size], yv[i:i + batch_size]
 
-    result = _fit(classifier, train_epoch, val_batches, epochs, lr_scaled, device, val_every, progress)
+    result = _fit(classifier, train_epoch, val_batches, epochs, lr_scaled, device, val_freq, progress)
     return _finish(result, classifier, lr_scaled, batch_size, epochs, output_path)
 
 
 def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader: Iterable, epochs: int = 100,
                             lr: float = 1e-3, n_last_blocks: int | None = None, avgpool: bool = False,
                             device: torch.device | str = "cpu", seed: int = 0, num_classes: int | None = None,
-                            output_path: str | os.PathLike | None = None, val_every: int = 1,
-                            progress: bool = False) -> dict[str, Any]:
+                            output_path: str | os.PathLike | None = None, val_freq: int = 1,
+                            progress: bool = False, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """The official way: features of freshly augmented batches each epoch (frozen
-    ``model``, bf16 autocast on CUDA), the same classifier and schedule as
-    :func:`run_linear_probe`. The lr is scaled by ``train_loader.batch_size``.
-    ``n_last_blocks=None`` means min(4, depth); a value above the depth raises
-    :class:`~dino_fast.errors.ConfigError`."""
+    ``model`` in ``dtype``: None means bf16 autocast on CUDA, fp32 elsewhere), the same
+    classifier and schedule as :func:`run_linear_probe`. The lr is scaled by
+    ``train_loader.batch_size``. ``n_last_blocks=None`` means min(4, depth); a value above the
+    depth raises :class:`~dino_fast.errors.ConfigError`; a convnet gives its pooled features
+    (``n_last_blocks`` / ``avgpool`` do not apply, as in the official script)."""
     device = torch.device(device)
     batch_size = getattr(train_loader, "batch_size", None)
     if not batch_size:
@@ -255,13 +216,14 @@ def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader
     if num_classes < 2:
         raise DataError(f"linear probe: {num_classes} class; a classifier on one class means nothing: it needs at "
                         f"least 2 classes")
-    n_last_blocks = resolve_n_last_blocks(model, n_last_blocks)
+    vit = hasattr(model, "blocks")
+    n_last_blocks, avgpool = (resolve_n_last_blocks(model, n_last_blocks), avgpool) if vit else (None, False)
     model.eval().requires_grad_(False)
-    amp = device.type == "cuda"
+    dtype = compute_dtype("auto", device) if dtype is None else dtype
 
     @torch.no_grad()
     def feats(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(dtype, device):
             return backbone_features(model, images.to(device, non_blocking=True), n_last_blocks, avgpool).float()
 
     def batches(loader: Iterable):
@@ -273,104 +235,169 @@ def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader
     torch.manual_seed(seed)
     classifier = LinearClassifier(dim, num_classes).to(device)
     result = _fit(classifier, lambda epoch: batches(train_loader), lambda: batches(val_loader), epochs, lr_scaled,
-                  device, val_every, progress)
+                  device, val_freq, progress)
     return _finish(result, classifier, lr_scaled, batch_size, epochs, output_path)
 
 
+_SCRIPT = "eval_linear.py"
+_OFFICIAL_N_LAST_BLOCKS = 4
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of ``dino-fast linear`` (official eval_linear.py names where they exist)."""
+    """Arguments of ``dino-fast linear``: every official eval_linear.py flag (marked in -h), then ours."""
+    from dino_fast.eval.flags import add_distributed_flags, add_model_flags, add_precision_flag, bool_flag, official
+
     p = parser or argparse.ArgumentParser("dino-fast linear", description=__doc__.splitlines()[0],
                                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained_weights", required=True, help="checkpoint or backbone weights (see load_pretrained)")
-    p.add_argument("--checkpoint_key", default="teacher", help="which model of a training checkpoint")
-    p.add_argument("--arch", default=None, help="vit_tiny | vit_small | vit_base (inferred when omitted)")
-    p.add_argument("--patch_size", type=int, default=None, help="inferred when omitted")
-    p.add_argument("--data_path", required=True, help="folder with train/ and val/ ImageFolder trees")
+    o = p.add_argument_group("official eval_linear.py flags")
+    o.add_argument("--n_last_blocks", default=_OFFICIAL_N_LAST_BLOCKS, type=int,
+                   help=official("CLS tokens of the last n blocks (4 for ViT-S, 1 for ViT-B in the paper); the "
+                                 "default 4 is capped at a shallower backbone's depth", _SCRIPT))
+    o.add_argument("--avgpool_patchtokens", default=False, type=bool_flag,
+                   help=official("add the averaged patch tokens (true for ViT-B in the paper)", _SCRIPT))
+    add_model_flags(o, _SCRIPT)
+    o.add_argument("--pretrained_weights", default="", type=str,
+                   help=official("backbone weights (any layout load_pretrained reads; nothing is downloaded)",
+                                 _SCRIPT))
+    o.add_argument("--epochs", default=100, type=int, help=official("training epochs of the linear layer", _SCRIPT))
+    o.add_argument("--lr", default=0.001, type=float, help=official("base lr for a batch of 256", _SCRIPT))
+    o.add_argument("--batch_size_per_gpu", "--batch_size", dest="batch_size_per_gpu", default=128, type=int,
+                   help=official("images per step (one process: the whole batch)", _SCRIPT))
+    add_distributed_flags(o, _SCRIPT)
+    o.add_argument("--data_path", default="/path/to/imagenet/", type=str,
+                   help=official("folder with train/ and val/ ImageFolder trees", _SCRIPT))
+    o.add_argument("--num_workers", default=10, type=int, help=official("DataLoader worker processes", _SCRIPT))
+    o.add_argument("--val_freq", default=1, type=int,
+                   help=official("validate at epochs 0, f, 2f, ... and the last", _SCRIPT))
+    o.add_argument("--output_dir", default=".", help=official("linear.pth and the feature caches go here", _SCRIPT))
+    o.add_argument("--num_labels", default=1000, type=int,
+                   help=official("outputs of the linear layer (at least the number of train classes)", _SCRIPT))
+    o.add_argument("--evaluate", dest="evaluate", action="store_true",
+                   help=official("only evaluate the classifier of --linear_weights on the val set", _SCRIPT))
+    p.add_argument("--linear_weights", default=None,
+                   help="the classifier --evaluate reads (ours or an official eval_linear.py / released "
+                        "*_linearweights.pth file); default <output_dir>/linear.pth")
     p.add_argument("--allow_class_mismatch", action="store_true",
                    help="train/val class folders may differ: labels matched by name, val images of classes absent "
                         "from train dropped with a warning")
-    p.add_argument("--n_last_blocks", type=int, default=None,
-                   help="CLS tokens of the last n blocks; None: min(4, depth) (official: 4 for ViT-S, 1 for ViT-B)")
-    p.add_argument("--avgpool_patchtokens", action="store_true", help="add averaged patch tokens (official ViT-B)")
-    p.add_argument("--epochs", type=int, default=100, help="training epochs of the linear layer")
-    p.add_argument("--lr", type=float, default=1e-3, help="base lr for a batch of 256")
-    p.add_argument("--batch_size", type=int, default=1024, help="total batch (official: 8 GPUs x 128)")
-    p.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes")
     p.add_argument("--resize", type=int, default=256, help="shorter side before the center crop")
     p.add_argument("--crop", type=int, default=224, help="center / random-resized crop size")
     p.add_argument("--mode", choices=("cached", "online"), default="cached",
                    help="cached: one center crop per image, features computed once; online: official augmentation")
-    p.add_argument("--output_dir", default="./output_linear", help="linear.pth and the feature caches go here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbone runs")
+    add_precision_flag(p)
     p.add_argument("--seed", type=int, default=0, help="classifier init and shuffling")
     p.add_argument("--no_cache", action="store_true", help="do not read or write the feature cache (cached mode)")
     return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "resize", "crop"):
+    for name in ("epochs", "batch_size_per_gpu", "resize", "crop", "val_freq", "num_labels"):
         if getattr(args, name) < 1:
             raise ConfigError(f"linear: --{name} must be >= 1, got {getattr(args, name)}")
     if args.crop > args.resize:
         raise ConfigError(f"linear: --crop {args.crop} is larger than --resize {args.resize}")
     if args.num_workers < 0:
         raise ConfigError(f"linear: --num_workers must be >= 0, got {args.num_workers}")
-    _scaled_lr(args.lr, args.batch_size)
+    _scaled_lr(args.lr, args.batch_size_per_gpu)
+    if not args.pretrained_weights:
+        raise ConfigError("linear: --pretrained_weights is needed (the official script would download the released "
+                          "weights; dino_fast never downloads)")
+
+
+def _features_of(model: nn.Module, args: argparse.Namespace) -> tuple[int | None, bool]:
+    """(n_last_blocks, avgpool) of the official feature layout: a ViT's, or (None, False) for a
+    convnet's pooled features (the official script ignores both flags there)."""
+    if not hasattr(model, "blocks"):
+        return None, False
+    # the official default 4 is capped at the depth (min(4, depth)); an explicit other value is checked
+    n = None if args.n_last_blocks == _OFFICIAL_N_LAST_BLOCKS else args.n_last_blocks
+    return resolve_n_last_blocks(model, n), args.avgpool_patchtokens
+
+
+def _evaluate_only(args: argparse.Namespace, model: nn.Module, val_set: Any, loader_kw: dict[str, Any],
+                   device: torch.device, dtype: torch.dtype) -> int:
+    """``--evaluate``: the classifier of ``--linear_weights`` on the val set (official: the released one)."""
+    from torch.utils.data import DataLoader
+
+    path = Path(args.linear_weights or Path(args.output_dir) / "linear.pth")
+    classifier = load_linear_classifier(path).to(device)
+    n_last_blocks, avgpool = _features_of(model, args)
+    feats, labels = extract_features(model, DataLoader(val_set, shuffle=False, **loader_kw), device,
+                                     n_last_blocks=n_last_blocks, avgpool=avgpool, dtype=dtype)
+    if feats.shape[1] != classifier.linear.in_features:
+        raise ConfigError(f"linear --evaluate: {path} takes {classifier.linear.in_features} features, the backbone "
+                          f"gives {feats.shape[1]} (--n_last_blocks {n_last_blocks}, --avgpool_patchtokens {avgpool})")
+    if int(labels.max()) >= classifier.num_labels:
+        raise ConfigError(f"linear --evaluate: {path} has {classifier.num_labels} outputs, the val set "
+                          f"{len(val_set.classes)} classes")
+    stats = _evaluate(classifier, [(feats.to(device), labels.to(device))])
+    print(f"Accuracy of the network on the {len(val_set)} test images: {stats['top1']:.1f}% "
+          f"(top-5 {stats['top5']:.1f}%, {path})")
+    return 0
 
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """Entry point of ``dino-fast linear``: load weights, build the ImageFolder
-    train/val sets, train the probe, save ``linear.pth`` in ``--output_dir``.
-    Returns the exit status (0). Every check (flags, output folder, folders and their
-    classes, weights, n_last_blocks) runs before anything is written; user mistakes raise
+    """Entry point of ``dino-fast linear``: load weights, build the ImageFolder train/val sets,
+    train the probe, save ``linear.pth`` in ``--output_dir`` (or, with ``--evaluate``, score a
+    saved classifier). Returns the exit status (0). Every check (flags, output folder, folders and
+    their classes, weights, n_last_blocks) runs before anything is written; user mistakes raise
     :class:`~dino_fast.errors.DinoFastError` subclasses (one line from the CLI)."""
     from torch.utils.data import DataLoader
     from torchvision import transforms
 
     from dino_fast.data.folder import ImageFolderDataset
+    from dino_fast.eval.flags import check_arch, check_single_process
     from dino_fast.pretrained import load_pretrained
     from dino_fast.runlock import check_output_dir
 
     if not isinstance(args, argparse.Namespace):
         args = build_parser().parse_args(args)
+    check_single_process(args, "linear")
     _check_args(args)
     device = resolve_device(args.device)
-    out = check_output_dir(args.output_dir)
+    dtype = compute_dtype(args.precision, device)
     val_tf = eval_transform(args.resize, args.crop)
-    if args.mode == "cached":
-        train_tf = val_tf
-    else:
-        train_tf = transforms.Compose([  # official eval_linear.py train augmentation
-            transforms.RandomResizedCrop(args.crop),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+    loader_kw = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                     pin_memory=device.type == "cuda")
+    if args.evaluate:
+        val_set = ImageFolderDataset(os.path.join(args.data_path, "val"), transform=val_tf)
+        model = load_pretrained(args.pretrained_weights, key=args.checkpoint_key).to(device)
+        check_arch(model, args.arch, args.patch_size, "linear")
+        return _evaluate_only(args, model, val_set, loader_kw, device, dtype)
+    out = check_output_dir(args.output_dir)
+    train_tf = val_tf if args.mode == "cached" else transforms.Compose([  # official eval_linear.py augmentation
+        transforms.RandomResizedCrop(args.crop),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
     train_set = ImageFolderDataset(os.path.join(args.data_path, "train"), transform=train_tf)
     val_set = ImageFolderDataset(os.path.join(args.data_path, "val"), transform=val_tf)
     match_classes(train_set, val_set, args.allow_class_mismatch, what="linear probe")
-    model = load_pretrained(args.pretrained_weights, key=args.checkpoint_key, arch=args.arch,
-                            patch_size=args.patch_size).to(device)
-    n_last_blocks = resolve_n_last_blocks(model, args.n_last_blocks)
-    log.info("linear probe: %d train / %d val images, %d classes, features of the last %d block(s)%s",
-             len(train_set), len(val_set), len(train_set.classes), n_last_blocks,
-             " + averaged patch tokens" if args.avgpool_patchtokens else "")
-    loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    if args.num_labels < len(train_set.classes):
+        raise ConfigError(f"linear: --num_labels {args.num_labels} but {train_set.root} has {len(train_set.classes)} "
+                          f"classes: pass --num_labels {len(train_set.classes)} or more")
+    model = load_pretrained(args.pretrained_weights, key=args.checkpoint_key).to(device)
+    check_arch(model, args.arch, args.patch_size, "linear")
+    n_last_blocks, avgpool = _features_of(model, args)
+    log.info("linear probe: %d train / %d val images, %d classes (%d outputs), %s", len(train_set), len(val_set),
+             len(train_set.classes), args.num_labels, "pooled features" if n_last_blocks is None else
+             f"features of the last {n_last_blocks} block(s)" + (" + averaged patch tokens" if avgpool else ""))
+    common = dict(epochs=args.epochs, lr=args.lr, num_classes=args.num_labels, device=device, seed=args.seed,
+                  output_path=out / "linear.pth", val_freq=args.val_freq, progress=True)
     if args.mode == "cached":
         cache = (lambda split: None) if args.no_cache else (lambda split: out / f"features_{split}.pt")
-        kw = dict(device=device, n_last_blocks=n_last_blocks, avgpool=args.avgpool_patchtokens)
+        kw = dict(device=device, n_last_blocks=n_last_blocks, avgpool=avgpool, dtype=dtype)
         tr = extract_features(model, DataLoader(train_set, shuffle=False, **loader_kw), cache_path=cache("train"), **kw)
         va = extract_features(model, DataLoader(val_set, shuffle=False, **loader_kw), cache_path=cache("val"), **kw)
-        result = run_linear_probe(*tr, *va, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                  num_classes=len(train_set.classes), device=device, seed=args.seed,
-                                  output_path=out / "linear.pth", progress=True)
+        result = run_linear_probe(*tr, *va, batch_size=args.batch_size_per_gpu, **common)
     else:
         torch.manual_seed(args.seed)
         result = run_linear_probe_online(
             model, DataLoader(train_set, shuffle=True, drop_last=False, **loader_kw),
-            DataLoader(val_set, shuffle=False, **loader_kw), epochs=args.epochs, lr=args.lr,
-            n_last_blocks=n_last_blocks, avgpool=args.avgpool_patchtokens, device=device, seed=args.seed,
-            num_classes=len(train_set.classes), output_path=out / "linear.pth", progress=True)
+            DataLoader(val_set, shuffle=False, **loader_kw), n_last_blocks=n_last_blocks, avgpool=avgpool,
+            dtype=dtype, **common)
     print(f"linear probe: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"best top-1 {result['best_top1']:.2f}% (epoch {result['best_epoch']})  -> {result['checkpoint']}")
     return 0

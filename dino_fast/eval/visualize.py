@@ -4,6 +4,12 @@ overlay on the image, and the "keep ``threshold`` of the attention mass" masks.
 
 PNG files are written with PIL; no matplotlib needed (a built-in viridis-like
 color map stands in for matplotlib's default).
+
+``dino-fast visualize`` (:func:`main`) takes ``visualize_attention.py`` command lines unchanged:
+every official flag with its official type and default (``--threshold`` None: no masks). What
+differs: the architecture is read off the weights (``--arch`` / ``--patch_size`` are checked);
+``--pretrained_weights`` and ``--image_path`` are needed (nothing is downloaded); the mean map,
+an overlay and fixed mask colours are written too.
 """
 from __future__ import annotations
 
@@ -127,7 +133,8 @@ def _blend(base: np.ndarray, top: np.ndarray, alpha: np.ndarray | float) -> np.n
 @torch.no_grad()
 def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir: str | os.PathLike,
                         image_size: int | Sequence[int] = (480, 480), patch_size: int | None = None,
-                        threshold: float | None = 0.6, device: torch.device | str | None = None) -> list[Path]:
+                        threshold: float | None = 0.6, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> list[Path]:
     """Write the last block's CLS attention maps of one image as PNGs in ``out_dir``.
 
     Files: ``img.png`` (the resized, patch-aligned input), ``attn-head{j}.png`` per
@@ -136,7 +143,8 @@ def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir
     holding ``threshold`` of head j's attention mass, tinted over the image). All
     have the size of ``img.png``. Returns the written paths in that order. A missing or
     undecodable image raises :class:`DataError`, bad sizes / threshold / ``out_dir``
-    :class:`ConfigError`, all before anything is written."""
+    :class:`ConfigError`, all before anything is written. ``dtype``: the compute dtype of the
+    forward (None: bf16 on CUDA, fp32 elsewhere)."""
     if patch_size is None:
         ps = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         if ps is None:
@@ -159,8 +167,11 @@ def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir
     hf, wf = h_img // patch_size, w_img // patch_size  # feature-map rows, columns
     was_training = model.training
     model.eval()
+    from dino_fast.precision import autocast, compute_dtype
+
     try:
-        attn = cls_attention(model, x.to(device))[0]  # (heads, N)
+        with autocast(compute_dtype("auto", device) if dtype is None else dtype, device):
+            attn = cls_attention(model, x.to(device))[0]  # (heads, N)
     finally:
         model.train(was_training)
     if attn.shape[1] != 1 + hf * wf:
@@ -193,19 +204,29 @@ def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir
     return written
 
 
+_SCRIPT = "visualize_attention.py"
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of ``dino-fast visualize`` (official visualize_attention.py names)."""
+    """Arguments of ``dino-fast visualize``: every official visualize_attention.py flag (marked in -h), then ours."""
+    from dino_fast.eval.flags import add_model_flags, add_precision_flag, official
+
     p = parser or argparse.ArgumentParser("dino-fast visualize", description=__doc__.splitlines()[0],
                                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained_weights", required=True, help="checkpoint or backbone weights (see load_pretrained)")
-    p.add_argument("--checkpoint_key", default="teacher", help="which model of a training checkpoint")
-    p.add_argument("--arch", default=None, help="inferred from the weights when omitted")
-    p.add_argument("--patch_size", type=int, default=None, help="inferred from the weights when omitted")
-    p.add_argument("--image_path", required=True, help="the image to draw the attention of")
-    p.add_argument("--image_size", type=int, nargs="+", default=[480, 480], help="H W, or one int: shorter side")
-    p.add_argument("--output_dir", default=".", help="where the PNG files are written")
-    p.add_argument("--threshold", type=float, default=0.6, help="attention mass kept in the masks")
+    o = p.add_argument_group("official visualize_attention.py flags")
+    add_model_flags(o, _SCRIPT, patch_size=8, arch_choices=["vit_tiny", "vit_small", "vit_base"])
+    o.add_argument("--pretrained_weights", default="", type=str,
+                   help=official("checkpoint or backbone weights (see load_pretrained); needed: nothing is "
+                                 "downloaded", _SCRIPT))
+    o.add_argument("--image_path", default=None, type=str, help=official("the image to draw the attention of",
+                                                                           _SCRIPT))
+    o.add_argument("--image_size", default=(480, 480), type=int, nargs="+",
+                   help=official("H W, or one int: the shorter side", _SCRIPT))
+    o.add_argument("--output_dir", default=".", help=official("where the PNG files are written", _SCRIPT))
+    o.add_argument("--threshold", type=float, default=None,
+                   help=official("attention mass kept in the masks (none: no masks)", _SCRIPT))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbone runs")
+    add_precision_flag(p)
     return p
 
 
@@ -214,22 +235,30 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     threshold, output folder and device are checked before the weights are read; user
     mistakes raise :class:`~dino_fast.errors.DinoFastError` subclasses (one line from the CLI)."""
     from dino_fast.eval.features import resolve_device
+    from dino_fast.eval.flags import check_arch
+    from dino_fast.precision import compute_dtype
     from dino_fast.pretrained import load_pretrained
     from dino_fast.runlock import check_output_dir
 
     if not isinstance(args, argparse.Namespace):
         args = build_parser().parse_args(args)
-    if len(args.image_size) > 2 or min(args.image_size) < 1:
-        raise ConfigError(f"visualize: --image_size takes one or two positive ints (H W), got {args.image_size}")
-    if not 0.0 < args.threshold <= 1.0:
+    size = list(args.image_size)
+    if len(size) > 2 or min(size) < 1:
+        raise ConfigError(f"visualize: --image_size takes one or two positive ints (H W), got {size}")
+    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
         raise ConfigError(f"visualize: --threshold must be in (0, 1], got {args.threshold}")
+    for flag in ("pretrained_weights", "image_path"):
+        if not getattr(args, flag):
+            raise ConfigError(f"visualize: --{flag} is needed (the official script would download one; dino_fast "
+                              f"never downloads)")
     check_output_dir(args.output_dir)
     read_image(args.image_path)  # a wrong file is reported before a large checkpoint is read
     device = resolve_device(args.device)
-    model = load_pretrained(args.pretrained_weights, key=args.checkpoint_key, arch=args.arch,
-                            patch_size=args.patch_size).to(device)
-    size = args.image_size[0] if len(args.image_size) == 1 else args.image_size[:2]
-    paths = visualize_attention(model, args.image_path, args.output_dir, image_size=size, threshold=args.threshold)
+    model = load_pretrained(args.pretrained_weights, key=args.checkpoint_key).to(device)
+    check_arch(model, args.arch, args.patch_size, "visualize")
+    paths = visualize_attention(model, args.image_path, args.output_dir, image_size=size[0] if len(size) == 1
+                                else tuple(size), threshold=args.threshold,
+                                dtype=compute_dtype(args.precision, device))
     print(f"wrote {len(paths)} images to {args.output_dir}")
     return 0
 

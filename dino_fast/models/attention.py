@@ -279,9 +279,11 @@ class Attention(_TimmAttention):
                                  f"{torch.__version__}; use backend 'sdpa' or 'auto'")
         return backend
 
-    def _resolve(self, qkv: torch.Tensor, attn_mask: Any, is_causal: bool) -> str:
+    def _resolve(self, x: torch.Tensor, attn_mask: Any, is_causal: bool) -> str:
+        """The backend for input ``x``, judged at the dtype q/k/v will have (autocast's, if on)."""
         dense = isinstance(attn_mask, torch.Tensor) or is_causal
-        return self.resolve_backend(qkv.device, qkv.dtype, _is_packed(attn_mask), dense)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return self.resolve_backend(x.device, dtype, _is_packed(attn_mask), dense)
 
     def _qk_norm(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Under autocast a LayerNorm q/k-norm returns fp32 while v stays bf16; kernels want one dtype.
@@ -301,22 +303,31 @@ class Attention(_TimmAttention):
             x = self.attn_drop(attn) @ v
         return x.transpose(1, 2).reshape(B, N, self.attn_dim)
 
-    def _varlen(self, qkv: torch.Tensor, seqs: PackedSeqlens | None) -> torch.Tensor:
-        """One varlen call for the whole (B, N, 3, H, Dh) qkv: the packed row's segments, or B
-        segments of N tokens for an ordinary batch. -> (B, N, H * Dh)."""
-        B, N = qkv.shape[:2]
-        fn = _vl.get_varlen_attn(qkv.device)
-        if fn is _vl._VARLEN.get("fn") and qkv.dtype not in _HALF:
-            raise ValueError(f"the varlen backend (flash) needs fp16/bf16 q/k/v, got {qkv.dtype}; "
+    def _varlen(self, x: torch.Tensor, seqs: PackedSeqlens | None) -> torch.Tensor:
+        """One varlen call for the whole (B, N, C) input: the packed row's segments, or B segments
+        of N tokens for an ordinary batch. -> (B, N, H * Dh).
+
+        q, k and v come from three GEMMs on the row blocks of the fused ``qkv`` weight (same
+        parameters and keys): each is then a contiguous (T, H, Dh) tensor, the layout the kernels
+        read, where slices of one fused output would be strided views that need a copy each."""
+        B, N, _ = x.shape
+        fn = _vl.get_varlen_attn(x.device)
+        if torch.is_autocast_enabled(x.device.type):  # one cast for the three GEMMs (autocast would cast per GEMM)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        weights = self.qkv.weight.split(self.attn_dim)  # (attn_dim, C) x 3: views, one SplitBackward
+        biases = (None,) * 3 if self.qkv.bias is None else self.qkv.bias.split(self.attn_dim)
+        q, k, v = (F.linear(x, w, b).view(B * N, self.num_heads, self.head_dim)  # (T, H, Dh) each
+                   for w, b in zip(weights, biases))
+        if fn is _vl._VARLEN.get("fn") and v.dtype not in _HALF:
+            raise ValueError(f"the varlen backend (flash) needs fp16/bf16 q/k/v, got {v.dtype}; "
                              "use autocast, or backend 'sdpa' / 'auto'")
-        q, k, v = qkv.reshape(B * N, 3, self.num_heads, self.head_dim).unbind(1)  # (T, H, Dh) each
         q, k = self._qk_norm(q, k, v.dtype)
         if seqs is None:  # built on device: no host copy per call
-            cu, max_len = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=qkv.device), N
+            cu, max_len = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=x.device), N
         else:
-            cu, max_len = seqs.cu_seqlens(qkv.device), seqs.max_seqlen
-        x = _vl.varlen_attention(fn, q, k, v, cu, max_len, self.scale)  # (T, H, Dh)
-        return x.reshape(B, N, self.attn_dim)
+            cu, max_len = seqs.cu_seqlens(x.device), seqs.max_seqlen
+        out = _vl.varlen_attention(fn, q, k, v, cu, max_len, self.scale)  # (T, H, Dh)
+        return out.reshape(B, N, self.attn_dim)
 
     def _flex(self, qkv: torch.Tensor, seqs: PackedSeqlens | None) -> torch.Tensor:
         """One flex_attention call; block-diagonal BlockMask for a packed row. -> (B, N, H * Dh)."""
@@ -344,7 +355,6 @@ class Attention(_TimmAttention):
             raise ValueError(f"Attention expects (B, N, C) tokens, got shape {tuple(x.shape)}")
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         seqs = None
         if _is_packed(attn_mask):
             if B != 1:
@@ -352,10 +362,12 @@ class Attention(_TimmAttention):
             seqs = PackedSeqlens.from_any(attn_mask)
             if seqs.total != N:
                 raise ValueError(f"packed seqlens sum to {seqs.total} but the input has {N} tokens")
-        backend = self._resolve(qkv, attn_mask, is_causal)
+        backend = self._resolve(x, attn_mask, is_causal)
+        if backend != "varlen":  # varlen projects q, k, v itself (contiguous, no copies)
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
 
         if backend == "varlen":
-            x = self._varlen(qkv, seqs)
+            x = self._varlen(x, seqs)
         elif backend == "flex":
             x = self._flex(qkv, seqs)
         elif backend == "xformers":

@@ -2,7 +2,7 @@
 iBOT / DINOv2 training, also the patch head on the masked patch tokens of the global views."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,9 @@ class MultiCropWrapper(nn.Module):
     are ``patch_head.*``, so a teacher wrapper built the same way gets them by EMA); or
     ``"shared"`` (or ``head`` itself): the DINO head also scores the patches (DINOv2's default,
     ``ibot_separate_head=False``; no extra parameters).
+
+    ``attn_backend`` / ``attn_head_dim``: the backbone's attention backend as configured and its
+    head size (None for a convnet). :meth:`compile` compiles each forward whole (one graph).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False,
@@ -54,6 +57,30 @@ class MultiCropWrapper(nn.Module):
     @property
     def has_patch_head(self) -> bool:
         return self.shared_patch_head or self.patch_head is not None
+
+    @property
+    def attn_backend(self) -> str | None:
+        """The backbone's configured attention backend ("auto", "sdpa", ...); None for a convnet."""
+        return getattr(self.backbone, "attn_backend", None)
+
+    @property
+    def attn_head_dim(self) -> int | None:
+        """The backbone's attention head size; None for a convnet."""
+        return getattr(self.backbone, "attn_head_dim", None)
+
+    def compile(self, **compile_kw: Any) -> None:  # type: ignore[override]
+        """``torch.compile`` the wrapper's forwards whole, in place: ``self(views)`` (backbone over
+        every view, packed or per resolution, and the head) and :meth:`forward_train`, one
+        compiled region each (``compile_kw`` as torch.compile's, e.g. ``backend="eager"``).
+
+        One region rather than one per block: a block-by-block compile recompiles per block
+        variant and stops at the recompile limit, and leaves the glue between blocks (pos-embed,
+        packing, the head) eager. The models keep no step-dependent Python values, so steps,
+        new ``PackedSeqlens`` and a re-sized run plan reuse the graph. Parameter names and the
+        state dict are unchanged (no ``_orig_mod.`` wrapper)."""
+        super().compile(**compile_kw)
+        # an instance attribute in front of the method: FSDP's register_fsdp_forward_method wraps it as is
+        self.forward_train = torch.compile(MultiCropWrapper.forward_train.__get__(self), **compile_kw)
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         return self.head(self._cls_features(self._views(x)))
@@ -103,7 +130,7 @@ class MultiCropWrapper(nn.Module):
             cls = self._cls_features(views)
             return {"logits": self.head(cls), "cls": cls}
 
-        from dino_fast.ibot import PatchMasks  # the models package does not import the engine at load
+        from dino_fast.ibot_masks import PatchMasks  # the models package does not import the engine at load
 
         backbone = self.backbone
         if not self.has_patch_head:

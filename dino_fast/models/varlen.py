@@ -221,9 +221,9 @@ def varlen_attention(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.
                      cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
     """Block-diagonal attention of packed ``(T, H, Dh)`` q/k/v through a varlen-signature ``fn``.
 
-    q/k/v are made contiguous: cuDNN's varlen path in some torch versions computes the ragged
-    offsets as ``cu_seqlens * H * Dh``, i.e. assumes a packed (T, H, Dh) layout, while our q/k/v
-    are strided views of the fused qkv projection."""
+    q/k/v must be contiguous: cuDNN's varlen path in some torch versions computes the ragged
+    offsets as ``cu_seqlens * H * Dh``, i.e. assumes a packed (T, H, Dh) layout. ``Attention``
+    projects them contiguous (no copy here); a strided caller's tensors are copied."""
     kw: dict[str, Any] = {}
     default_scale = q.shape[-1] ** -0.5
     if fn is _VARLEN.get("fn") and not _VARLEN["scale"]:  # _VARLEN is filled: fn came from get_varlen_attn

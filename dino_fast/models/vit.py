@@ -13,7 +13,11 @@ What differs from a plain timm ViT, and why:
   ``mask_token`` replaces masked patch tokens (``prepare_tokens(x, masks)``), and
   ``forward_tokens`` returns the CLS and patch tokens for a patch-level loss;
 - official init (class token ~ trunc_normal(.02), timm draws it with std 1e-6) and the
-  official API: ``forward -> CLS``, ``get_last_selfattention``, ``get_intermediate_layers``.
+  official API: ``forward -> CLS``, ``get_last_selfattention``, ``get_intermediate_layers``;
+- drop path with its rate in a buffer (``layers.DropPath``: one compiled graph for all blocks);
+- ``low_precision_stream=True``: under autocast the residual stream stays in the compute dtype
+  (class token and pos-embed cast to it, ``layers.LayerNorm`` returning its input's dtype), so
+  adds, norms and saved activations move 2-byte values; off, it is fp32 as in timm.
 State-dict keys are timm's ``VisionTransformer(num_classes=0)`` keys, which equal the official
 DINO backbone keys (``masked_im_modeling=True`` adds one: ``mask_token``, see ``DinoViT``).
 """
@@ -29,9 +33,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, PackedSeqlens, _check_backend, _is_packed, set_attn_backend
+from .layers import DropPath, LayerNorm
 from .pos_embed import interpolate_pos_encoding
 
-__all__ = ["ARCHS", "DinoViT", "DinoBlock", "build_backbone"]
+__all__ = ["ARCHS", "DinoViT", "DinoBlock", "build_vit"]
 
 ARCHS: dict[str, dict[str, int]] = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -58,32 +63,33 @@ class _FloorPatchEmbed(PatchEmbed):
         return super().forward(x)
 
 
-def _packed_drop_path(y: torch.Tensor, seqs: PackedSeqlens, drop_prob: float) -> torch.Tensor:
-    """Stochastic depth per packed *sequence* (per image view), as unpacked timm/official DINO
-    drop per sample; a plain DropPath on the (1, T, D) row would drop every view at once."""
-    keep_prob = 1.0 - drop_prob
-    keep = y.new_empty(seqs.num_seqs).bernoulli_(keep_prob)  # (S,)
-    if keep_prob > 0.0:
-        keep.div_(keep_prob)
-    per_token = torch.cat([keep[s0:s0 + c].repeat_interleave(n) for _, s0, c, n in seqs.runs])  # (T,)
-    return y * per_token[None, :, None]
-
-
 class DinoBlock(Block):
-    """timm ``Block`` (same parameters) whose drop path is per sequence on packed input."""
+    """timm ``Block`` (same parameters and keys) whose drop path holds its rate in a buffer and,
+    on packed input, drops per sequence (per image view, as unpacked timm / official DINO drop
+    per sample; a per-sample drop on the (1, T, D) row would drop every view at once)."""
+
+    def __init__(self, *args: Any, drop_path: float = 0.0, device: Any = None, **kw: Any) -> None:
+        super().__init__(*args, drop_path=drop_path, device=device, **kw)
+        if drop_path > 0.0:  # timm's DropPath holds a float, which torch.compile specialises per block
+            self.drop_path1 = DropPath(drop_path, device=device)
+            self.drop_path2 = DropPath(drop_path, device=device)
 
     def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
-        drop_prob = getattr(self.drop_path1, "drop_prob", 0.0)
-        if not (_is_packed(attn_mask) and self.training and drop_prob > 0.0):
+        if not (_is_packed(attn_mask) and self.training and isinstance(self.drop_path1, DropPath)):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         seqs = PackedSeqlens.from_any(attn_mask)
-        x = x + _packed_drop_path(self.ls1(self.attn(self.norm1(x), attn_mask=seqs)), seqs, drop_prob)
-        x = x + _packed_drop_path(self.ls2(self.mlp(self.norm2(x))), seqs, self.drop_path2.drop_prob)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=seqs)), seqs)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), seqs)
         return x
 
 
 class DinoViT(VisionTransformer):
-    """DINO ViT backbone (see module docstring). Build it with :func:`build_backbone`.
+    """DINO ViT backbone (see module docstring). Build it with :func:`build_vit` (or
+    ``models.build_backbone`` for any arch).
+
+    ``attn_backend`` (property, settable): the attention backend its blocks are configured with
+    (``"auto"``, ``"sdpa"``...; see ``attention.BACKENDS``); ``attn_head_dim``: their head size.
+    ``low_precision_stream``: see the module docstring (also settable after construction).
 
     ``masked_im_modeling=True`` adds a ``mask_token`` parameter ``(1, 1, D)``, zeros at init
     (iBOT / DINOv2 init; DINOv2 stores it as ``(1, D)``: reshape when loading theirs). Default
@@ -94,7 +100,8 @@ class DinoViT(VisionTransformer):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-                 attn_backend: str = "auto", masked_im_modeling: bool = False, **kw: Any) -> None:
+                 attn_backend: str = "auto", masked_im_modeling: bool = False,
+                 low_precision_stream: bool = False, **kw: Any) -> None:
         fixed = sorted(set(kw) & set(_FIXED))
         if fixed:
             raise ValueError(f"DinoViT fixes {fixed} (DINO architecture); do not pass them")
@@ -102,7 +109,7 @@ class DinoViT(VisionTransformer):
         super().__init__(
             img_size=img_size, patch_size=patch_size, num_classes=0, global_pool="token", class_token=True,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
-            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            drop_path_rate=drop_path_rate, norm_layer=partial(LayerNorm, eps=1e-6),
             # NHWC patch tokens keep the grid shape for _pos_embed; no size assert in patch_embed.
             dynamic_img_size=True, embed_layer=_FloorPatchEmbed, block_fn=DinoBlock, attn_layer=Attention,
             **kw,
@@ -113,13 +120,44 @@ class DinoViT(VisionTransformer):
         self.masked_im_modeling = masked_im_modeling
         if masked_im_modeling:  # registered only when asked: default state dicts keep official keys
             self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.low_precision_stream = low_precision_stream
+
+    # --- configuration ------------------------------------------------------------------
+    @property
+    def attn_backend(self) -> str:
+        """The attention backend the blocks are configured with ("auto" is resolved per call);
+        "mixed" when modules were switched one by one."""
+        backends = {blk.attn.backend for blk in self.blocks}
+        return backends.pop() if len(backends) == 1 else "mixed"
+
+    @attn_backend.setter
+    def attn_backend(self, backend: str) -> None:
+        set_attn_backend(self, backend)
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.blocks[0].attn.head_dim
+
+    @property
+    def low_precision_stream(self) -> bool:
+        return self._low_precision_stream
+
+    @low_precision_stream.setter
+    def low_precision_stream(self, on: bool) -> None:
+        self._low_precision_stream = bool(on)
+        for m in self.modules():
+            if isinstance(m, LayerNorm):
+                m.keep_dtype = bool(on)
 
     # --- tokens -------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, h, w, D) -> (B, 1 + h*w, D) with class token and official pos-embed."""
         B, h, w, D = x.shape
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x.reshape(B, h * w, D)), dim=1)
-        x = x + interpolate_pos_encoding(self.pos_embed, h, w)
+        cls, pos = self.cls_token, interpolate_pos_encoding(self.pos_embed, h, w)
+        if self._low_precision_stream:  # else the fp32 parameters promote the stream to fp32
+            cls, pos = cls.to(x.dtype), pos.to(x.dtype)
+        x = torch.cat((cls.expand(B, -1, -1), x.reshape(B, h * w, D)), dim=1)
+        x = x + pos
         return self.pos_drop(x)
 
     def _check_images(self, x: torch.Tensor, what: str = "input") -> None:
@@ -265,12 +303,12 @@ def _same_size_runs(views: list[torch.Tensor]) -> list[tuple[int, int]]:
     return runs
 
 
-def build_backbone(arch: str = "vit_small", patch_size: int = 16, drop_path_rate: float = 0.0,
-                   attn_backend: str = "auto", img_size: int = 224, **kw: Any) -> DinoViT:
+def build_vit(arch: str = "vit_small", patch_size: int = 16, drop_path_rate: float = 0.0,
+              attn_backend: str = "auto", img_size: int = 224, **kw: Any) -> DinoViT:
     """A DINO ViT: ``arch`` in ``ARCHS`` (vit_tiny | vit_small | vit_base), patch 8 or 16.
 
     ``kw`` goes to :class:`DinoViT` / timm (e.g. ``depth=2`` for small test models,
-    ``masked_im_modeling=True`` for a mask token)."""
+    ``masked_im_modeling=True`` for a mask token, ``low_precision_stream=True``)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     if patch_size not in PATCH_SIZES:
