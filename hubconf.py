@@ -8,9 +8,9 @@ forward -> (B, 2048)). Unlike the official entries nothing is ever downloaded: t
 checkpoint, a timm or dino_fast file: any layout ``dino_fast.load_pretrained`` reads; keys are
 checked strictly). ``kwargs`` go to the builder (e.g. ``drop_path_rate``, ``attn_backend``).
 
-All 9 official names are here. The four XCiT entries (``dino_xcit_*``) build through
-``dino_fast.models.build_backbone`` once it knows the XCiT names (timm's implementation); until
-then they raise one line saying so.
+All 9 official names are here. The four XCiT entries (``dino_xcit_*``) build timm's XCiT
+(``dino_fast.models.build_xcit``, ``num_classes=0``); ``weights`` may be the released
+``dino_xcit_*_pretrain.pth`` (official facebookresearch/xcit key names, mapped to timm's).
 """
 from __future__ import annotations
 
@@ -85,18 +85,11 @@ def dino_resnet50(pretrained: bool = False, weights: str | os.PathLike | None = 
 
 def _xcit(name: str, released: str, pretrained: bool, weights: str | os.PathLike | None, key: str,
           kwargs: dict[str, _t.Any]) -> nn.Module:
-    from dino_fast.models import build_backbone, canonical_arch
+    from dino_fast.models import build_xcit
 
-    try:
-        canonical_arch(name)
-    except ValueError:
-        raise NotImplementedError(f"dino_{name}: dino_fast.models cannot build XCiT backbones yet (timm's XCiT is "
-                                  f"not wired into dino_fast.models.build_backbone); the official entry "
-                                  f"torch.hub.load('facebookresearch/dino:main', 'dino_{name}') builds it") from None
     if kwargs.pop("num_classes", 0) != 0:  # the official entries pass num_classes=0: a backbone only
         raise ValueError("the DINO hub models are backbones: num_classes must be 0")
-    patch = 8 if name.endswith("_p8") else 16
-    return _finish(build_backbone(name, patch, **kwargs), pretrained, weights, released, key)
+    return _finish(build_xcit(name, **kwargs), pretrained, weights, released, key)
 
 
 def _xcit_entry(name: str, title: str) -> _t.Callable[..., nn.Module]:

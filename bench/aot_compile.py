@@ -47,7 +47,7 @@ from typing import Any, Iterator
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 REGISTERS_PER_BLOCK = 64 * 1024
 NAMES = ("BLOCK_K", "BLOCK_R", "BLOCK", "num_warps", "num_stages", "G_PAD", "NS_S_PAD", "NS_T_PAD", "TEACHER_PROBS",
-         "WRITE_GRAD", "HAS_CENTER", "COL_SUM", "S_DTYPE", "M_FROM_PTR", "ALIGNED")  # what a row prints of a config
+         "WRITE_GRAD", "HAS_CENTER", "COL_SUM", "S_DTYPE", "C_DTYPE", "HAS_COPY", "M_FROM_PTR", "ALIGNED")  # what a row prints of a config
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,13 +128,18 @@ def capture(sms: int, quick: bool) -> list[Launch]:
         for dt in sorted({*dtypes, f32}, key=str):  # the backward's scale: logits' gradient, head weight's (fp32)
             case[0] = f"grad_scale {str(dt)[6:]}"
             gs._launch_scale(torch.empty(768 * 65536, dtype=dt), torch.empty(()))
-        for s_dt in [f32] if quick else [f32, bf16, f16]:  # EMA: student dtype x momentum tensor / number x alignment
+        # EMA: student dtype x momentum tensor / number x alignment x the teacher's compute-dtype copy (the
+        # preset: a bf16 copy; the momentum a tensor under cuda_graphs, a number in eager steps)
+        for s_dt in [f32] if quick else [f32, bf16, f16]:
             for m_ptr in (torch.empty(1), None):
                 for aligned in (True,) if quick else (True, False):
-                    case[0] = f"ema student {str(s_dt)[6:]} m_ptr={m_ptr is not None} aligned={aligned}"
-                    table = torch.empty(2700, 3, dtype=torch.int64)  # ViT-S + head: ~44 M params / 16384 per chunk
-                    ema._launch(ema.EMAPlan(None, table.device, [(s_dt, aligned, table)]), m_ptr, 0.996,
-                                ema.DEFAULT_BLOCK)
+                    for c_dt in [bf16] if quick else [None, bf16, f16]:
+                        case[0] = (f"ema student {str(s_dt)[6:]} m_ptr={m_ptr is not None} aligned={aligned} "
+                                   f"copy={str(c_dt)[6:] if c_dt else None}")
+                        # ViT-S + head: ~44 M params / 16384 per chunk
+                        table = torch.empty(2700, 3 + (c_dt is not None), dtype=torch.int64)
+                        ema._launch(ema.EMAPlan(None, table.device, [(s_dt, aligned, table)], c_dt), m_ptr, 0.996,
+                                    ema.DEFAULT_BLOCK)
     return launches
 
 

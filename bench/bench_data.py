@@ -86,7 +86,7 @@ def build(args: argparse.Namespace, root: Path, mode: str, device: torch.device,
     backend = "torchvision" if mode == "torchvision" else "dali"
     # dali-cpu: DALI's CPU operators, views on the CPU
     dev = torch.device("cpu") if mode.startswith("dali-cpu") else device
-    data = build_train_data(train_config(args, root, backend), dev, dtype=dtype)
+    data = build_train_data(train_config(args, root, backend), dev, compute_dtype=dtype)
     if backend == "dali" and args.hw_decoder_load is not None:
         data.loader.hw_decoder_load = args.hw_decoder_load  # read when the pipeline is built (first epoch)
     if mode.endswith("-inline"):
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from dino_fast.data.dali import dali_available
-    from dino_fast.precision import compute_dtype
+    from dino_fast.precision import resolve_compute_dtype
 
     if args.index_files is not None:
         return time_index(args.index_files, args.repeats, args.out)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         args.shards_root = bench_shards(root)
         modes = modes + [f"{m}@shards" for m in modes]
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = compute_dtype(args.precision, device)
+    dtype = resolve_compute_dtype(args.precision, device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     n_views = 2 + args.local_crops
 

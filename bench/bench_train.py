@@ -14,7 +14,7 @@ and these paths (config fields in brackets):
                (timm's default kernel) one backbone pass per resolution [packed_multicrop=false]
   fast         fused Triton loss, Triton EMA, xformers attention (sdpa if xformers cannot run),
                all crops packed into one backbone pass
-  fast+compile fast with torch.compile of the blocks [compile=true]
+  fast+compile fast with each model's forward compiled as one graph [compile=true]
 
 all in bf16 autocast on CUDA (fp32 on CPU). ``--fsdp`` runs every path through the FSDP2 code
 path on this one process (world size 1).

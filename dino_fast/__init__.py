@@ -11,13 +11,14 @@ if (_Path(__file__).parent.parent / "kernels" / "__init__.py").is_file():
     __path__.append(str(_Path(__file__).parent.parent))
 
 from dino_fast.config import ConfigError, TrainConfig, load_config
+from dino_fast.data.multicrop import DINOMultiCrop
 from dino_fast.errors import DinoFastError
 from dino_fast.ema import TeacherEMA, update_teacher_
 from dino_fast.eval.knn import knn_classifier, knn_eval
-from dino_fast.ibot import iBOTPatchLoss
-from dino_fast.koleo import koleo_loss
 from dino_fast.dino_head_loss import DINOHeadLoss
 from dino_fast.dino_loss import DINOLoss, dino_loss_reference
+from dino_fast.ibot import iBOTPatchLoss
+from dino_fast.koleo import koleo_loss
 from dino_fast.models import DINOHead, DinoViT, MultiCropWrapper, build_backbone, set_attn_backend
 from dino_fast.pretrained import load_pretrained
 from dino_fast.train import Trainer, train_main
@@ -25,7 +26,7 @@ from dino_fast.train import Trainer, train_main
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DINOHead", "DINOHeadLoss", "DINOLoss", "DinoFastError", "DinoViT", "MultiCropWrapper",
+    "ConfigError", "DINOHead", "DINOHeadLoss", "DINOLoss", "DINOMultiCrop", "DinoFastError", "DinoViT", "MultiCropWrapper",
     "TeacherEMA", "TrainConfig", "Trainer", "build_backbone", "dino_loss_reference", "iBOTPatchLoss",
     "knn_classifier", "knn_eval", "koleo_loss", "load_config", "load_pretrained", "set_attn_backend", "train_main",
     "update_teacher_",

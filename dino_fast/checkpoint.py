@@ -20,16 +20,12 @@ ranks' files and ``.metadata`` (written last) are on disk (fsynced); rank 0 then
 directory and fsyncs the parent; a barrier holds the other ranks until then. A directory with
 the final name is always complete; ``.tmp`` leftovers are ignored and removed.
 
-Safety: nothing read from a checkpoint can run code. DCP unpickles ``.metadata`` with plain
-``pickle`` and non-tensor values with ``torch.load(weights_only=False)``; here the metadata goes
-through an unpickler that only builds DCP's own metadata classes, non-tensor values through
-``torch.load(weights_only=True)``, and old ``.pth`` files through ``weights_only=True`` with an
-explicit allowlist (the unpickler and the allowlist: :mod:`dino_fast.safe_load`). The format, keys
-and shapes are checked before any state is touched.
+Safety: nothing read from a checkpoint can run code, and a damaged one is named
+(:mod:`dino_fast.checkpoint_read`). The format, keys and shapes are checked before any state is
+touched.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -42,14 +38,13 @@ from typing import Any, Protocol
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from dino_fast.checkpoint_read import dcp_load, first_line, read_checkpoint_values, read_metadata, root_cause
 from dino_fast.distributed import barrier, get_rank, is_distributed
-from dino_fast.errors import CheckpointError, CheckpointSaveError, UnreadableCheckpointError
-from dino_fast.safe_load import MetadataUnpickler, torch_load_safe
+from dino_fast.errors import CheckpointError, CheckpointSaveError
 
 __all__ = ["Checkpointer", "Stateful", "FORMAT", "atomic_torch_save", "fsync_dir", "latest_checkpoint",
-           "read_checkpoint_values", "consolidate", "is_dcp_checkpoint", "safe_load_pth"]
+           "consolidate", "check_checkpoint_dir", "is_dcp_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -116,135 +111,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in ``output_dir`` (temporary files never match)."""
     found = _listed(output_dir)
     return found[-1][1] if found else None
-
-
-# ----------------------------------------------------------------------------- safe reading
-class _SafeReader(dcp.FileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        with open(Path(self.path) / ".metadata", "rb") as f:
-            metadata = MetadataUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _SafePlanner(DefaultLoadPlanner):
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        # weights_only: tensors, containers and numbers only; re-serialised, the base class can place it
-        try:
-            obj = torch.load(value, map_location="cpu", weights_only=True)
-        except Exception as e:
-            info = self.metadata.storage_data.get(read_item.storage_index)
-            where = f"{info.relative_path}, " if info is not None else ""
-            raise UnreadableCheckpointError(
-                f"entry '{read_item.dest_index.fqn}' ({where}refused: not plain tensor data: "
-                f"{type(e).__name__}: {_first_line(e)[:160]})") from None
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        buf.seek(0)
-        super().load_bytes(read_item, buf)
-
-
-def _first_line(e: BaseException) -> str:
-    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-
-
-def root_cause(e: BaseException) -> BaseException:
-    """The error behind DCP's wrapping: the first rank's failure of a ``CheckpointException``,
-    then down its ``__cause__`` / ``__context__`` chain to the deepest ``OSError`` if there is one
-    (a full disk shows as an enforce failure of the zip writer caused by ``OSError: No space left``)."""
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
-    deepest, seen = e, set()
-    while deepest is not None and id(deepest) not in seen:
-        seen.add(id(deepest))
-        if isinstance(deepest, (OSError, CheckpointError)):
-            return deepest
-        deepest = deepest.__cause__ or deepest.__context__
-    return e
-
-
-def _read_metadata(path: Path) -> Any:
-    try:
-        return _SafeReader(str(path)).read_metadata()
-    except Exception as e:  # random bytes, truncation, a crafted pickle
-        raise UnreadableCheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def _storage_problem(path: Path, metadata: Any, keys: set[str] | None = None) -> str | None:
-    """A missing or truncated shard file holding one of ``keys`` (all when None), named with its
-    entry, found from the sizes the metadata records (no byte is read)."""
-    sizes: dict[str, int] = {}
-    for index, info in metadata.storage_data.items():
-        if keys is not None and not any(index.fqn == k or index.fqn.startswith(k + ".") for k in keys):
-            continue
-        if info.relative_path not in sizes:
-            f = path / info.relative_path
-            sizes[info.relative_path] = f.stat().st_size if f.is_file() else -1
-        have, need = sizes[info.relative_path], info.offset + info.length
-        if have < 0:
-            return f"{info.relative_path} is missing (it holds entry '{index.fqn}')"
-        if have < need:
-            return (f"{info.relative_path} is truncated: {have} bytes, entry '{index.fqn}' ends at byte {need}")
-    return None
-
-
-def _dcp_load(state: dict[str, Any], path: Path, metadata: Any = None) -> None:
-    problem = _storage_problem(path, metadata or _read_metadata(path), set(_flat_keys(state)))
-    if problem:
-        raise UnreadableCheckpointError(f"checkpoint {path}: {problem}")
-    kw = dict(checkpoint_id=str(path), storage_reader=_SafeReader(str(path)), planner=_SafePlanner())
-    try:
-        if is_distributed():
-            dcp.load(state, **kw)
-            return
-        with warnings.catch_warnings():  # DCP warns that it runs without a process group: the intent
-            warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
-            dcp.load(state, no_dist=True, **kw)
-    except CheckpointError as e:
-        raise UnreadableCheckpointError(f"checkpoint {path}: {e}") from None
-    except (Exception, CheckpointException) as e:  # a corrupt shard, a value that is not plain data, ...
-        cause = root_cause(e)
-        if isinstance(cause, CheckpointError):
-            raise UnreadableCheckpointError(f"checkpoint {path}: {cause}") from None
-        raise UnreadableCheckpointError(f"checkpoint {path} could not be read ({type(cause).__name__}: "
-                                        f"{_first_line(cause)[:300]})") from None
-
-
-def _flat_keys(obj: Any, prefix: str = "") -> list[str]:
-    """DCP's flattened keys of a nested state dict (dicts and lists; leaves of any type)."""
-    if isinstance(obj, dict):
-        return [k for key, v in obj.items() for k in _flat_keys(v, f"{prefix}.{key}" if prefix else str(key))]
-    if isinstance(obj, list):
-        return [k for i, v in enumerate(obj) for k in _flat_keys(v, f"{prefix}.{i}")]
-    return [prefix]
-
-
-def read_checkpoint_values(path: str | Path, keys: dict[str, Any]) -> dict[str, Any]:
-    """Non-tensor values (``keys``: name -> placeholder) of a DCP checkpoint, read safely."""
-    path = Path(path)
-    present = _read_metadata(path).state_dict_metadata
-    missing = sorted(k for k in keys if k not in present)
-    if missing:
-        raise CheckpointError(f"{path} is not a dino_fast checkpoint (no {', '.join(missing[:3])})")
-    out = dict(keys)
-    _dcp_load(out, path)
-    return out
-
-
-def safe_load_pth(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` of a single file, with numpy's RNG-state arrays allowed
-    (old checkpoints hold ``np.random.get_state()``); one clear error for anything unreadable."""
-    try:
-        return torch_load_safe(path)  # the one allowlist (dino_fast.safe_load)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); only tensors, containers and "
-                              f"numbers are loaded") from None
 
 
 # ----------------------------------------------------------------------------- key checks
@@ -368,7 +234,7 @@ class Checkpointer:
         prev = self.latest()
         kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
         return CheckpointSaveError(f"saving checkpoint {final} failed: {type(cause).__name__}: "
-                                   f"{_first_line(cause)[:200]} ({free}); {kept}; fix it and resume with "
+                                   f"{first_line(cause)[:200]} ({free}); {kept}; fix it and resume with "
                                    f"--resume auto")
 
     def candidates(self) -> list[Path]:
@@ -398,11 +264,8 @@ class Checkpointer:
         """Collective when distributed: check, then load the checkpoint directory ``path`` into
         ``parts``. ``hint`` is appended to a mismatch error (which flags differ)."""
         path = Path(path)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint not found: {path}")
-        if not is_dcp_checkpoint(path):
-            raise CheckpointError(f"{path} is not a complete checkpoint directory (no .metadata)")
-        metadata = _read_metadata(path)
+        check_checkpoint_dir(path)
+        metadata = read_metadata(path)
         saved = metadata.state_dict_metadata
         if "train.format" not in saved:
             raise CheckpointError(f"{path} is a DCP checkpoint but not a dino_fast training checkpoint")
@@ -416,22 +279,38 @@ class Checkpointer:
                 raise CheckpointError(f"{path} holds no '{name}' state")
             targets[stored[name]] = part.load_targets(keys) if hasattr(part, "load_targets") else part.state_dict()
         check_fits(targets, metadata, self.strict & set(parts), path, hint)  # the strict models were never renamed
-        _dcp_load(targets, path, metadata)
+        dcp_load(targets, path, metadata)
         for name, part in parts.items():
             part.load_state_dict(targets[stored[name]])
 
 
+def check_checkpoint_dir(path: Path) -> None:
+    """One line for a path that is not a complete checkpoint directory: gone (rotation keeps the
+    newest ``keep`` and may have deleted it since it was listed), a file, or an unfinished save."""
+    if not path.exists():
+        kept = sorted(p.name for _, p in _listed(path.parent.parent)) if path.parent.name == "checkpoints" else []
+        now = f"; {path.parent} now holds {', '.join(kept)}" if kept else ""
+        raise CheckpointError(f"checkpoint {path} does not exist (or no longer: a run keeps only its newest "
+                              f"checkpoints and snapshots){now}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory (step-XXXXXXXX/ in "
+                              f"<output_dir>/checkpoints)")
+    if not is_dcp_checkpoint(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint directory (no .metadata: a save that did "
+                              f"not finish?)")
+
+
 def consolidate(path: str | Path) -> dict[str, Any]:
     """The full (unsharded) models of a checkpoint directory, read on one process into CPU memory:
-    ``{"student", "teacher", "dino_loss", "step", "config"}`` (the layout of an official DINO
-    training checkpoint), so ``dino_fast.load_pretrained(consolidate(path))`` gives the teacher.
+    ``{"format": "dino_fast", "student", "teacher", "dino_loss", "step", "config"}`` (the official
+    training checkpoint's keys, tagged as ours), so ``dino_fast.load_pretrained(consolidate(path))``
+    gives the teacher.
     Optimizer state and RNG streams are not read."""
     import json
 
     path = Path(path)
-    if not is_dcp_checkpoint(path):
-        raise CheckpointError(f"not a complete checkpoint directory (no .metadata): {path}")
-    saved = _read_metadata(path).state_dict_metadata
+    check_checkpoint_dir(path)
+    saved = read_metadata(path).state_dict_metadata
     meta = read_checkpoint_values(path, {"train.format": "", "train.step": 0, "train.config": ""})
     if meta["train.format"] != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta['train.format']!r}, this version reads {FORMAT!r}")
@@ -443,6 +322,6 @@ def consolidate(path: str | Path) -> dict[str, Any]:
         name, _, rest = key.partition(".")
         if name in targets and isinstance(m, TensorStorageMetadata):
             targets[name][rest] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-    _dcp_load(targets, path)
-    return {"student": targets["student"], "teacher": targets["teacher"], "dino_loss": targets[loss_name],
-            "step": int(meta["train.step"]), "config": json.loads(meta["train.config"])}
+    dcp_load(targets, path)
+    return {"format": "dino_fast", "student": targets["student"], "teacher": targets["teacher"],
+            "dino_loss": targets[loss_name], "step": int(meta["train.step"]), "config": json.loads(meta["train.config"])}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dino_fast.checkpoint import safe_load_pth
+from dino_fast.checkpoint_read import safe_load_pth
 from dino_fast.errors import CheckpointError
 
 __all__ = ["load_legacy", "LEGACY_FORMAT"]

@@ -1,4 +1,4 @@
-"""``dino-fast``: train | demo | knn | linear | visualize | export | bench.
+"""``dino-fast``: train | demo | knn | linear | visualize | export | pack | launch | bench.
 
 Errors a user can fix (missing folder, bad config key, corrupt checkpoint...) print one
 line ``dino-fast: error: ...`` and exit with status 2, no traceback. A run stopped by SIGINT /
@@ -45,8 +45,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             kw.update(type=str, metavar="true|false")
         elif typ in ("int", "float"):
             kw.update(type=float if typ == "float" else int)
-        if f.name in CHOICES:
-            kw.update(metavar="|".join(CHOICES[f.name]))
+        if f.name in CHOICES:  # a long list (--arch: every torchvision model) is named in the field's help
+            kw.update(metavar="|".join(CHOICES[f.name]) if len(CHOICES[f.name]) <= 12 else f.name.upper())
         groups[section].add_argument(f"--{f.name}", **kw)
 
 
@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the demo dataset, k-NN a random teacher, pretrain, k-NN the trained teacher."""
     from dino_fast.data.demo import make_demo_dataset
-    from dino_fast.eval.knn import knn_eval
+    from dino_fast.eval.periodic import PeriodicKnn
     from dino_fast.train import Trainer
 
     root = make_demo_dataset(args.data_root)
@@ -80,12 +80,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       if getattr(args, f.name, None) is not None})
     cfg = load_config(args.config or PRESETS / "demo.yaml", overrides)
     trainer = Trainer(cfg)
-    size = cfg.eval_size or cfg.global_crops_size
+    evaluate = PeriodicKnn(cfg, trainer.device, trainer.compute_dtype)  # the run's own k-NN, in its compute dtype
 
     def knn() -> tuple[float, float]:
-        res = knn_eval(trainer.teacher.backbone, cfg.data_path, cfg.val_path, size, ks=(cfg.knn_k,),
-                       num_workers=cfg.num_workers, device=trainer.device)
-        return res[cfg.knn_k]
+        res = evaluate(trainer.teacher.backbone, trainer.step, trainer.state.train_seconds)
+        return res["knn_top1"], res["knn_top5"]
 
     random_top1, random_top5 = knn()
     print(f"k-NN (k={cfg.knn_k}) of the randomly initialised teacher: top-1 {random_top1:.1f}%  "

@@ -20,6 +20,8 @@ from dino_fast.dino_head_loss import LOSS_IMPLS, fuses_last_layer
 from dino_fast.ema import IMPLS as EMA_IMPLS
 from dino_fast.errors import ConfigError
 from dino_fast.models.attention import BACKENDS as ATTENTION_BACKENDS
+from dino_fast.models.build import ARCH_CHOICES, arch_family
+from dino_fast.models.torchvision_archs import has_resnet_stem
 from dino_fast.optim import OPTIMIZERS
 from dino_fast.precision import PRECISIONS
 
@@ -30,7 +32,7 @@ __all__ = ["TrainConfig", "ConfigError", "load_config", "resolve_config_path", "
 # Values each choice field accepts, read from the modules that implement them (validation and -h
 # read this table; the modules check their own arguments with the same constants).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "arch": ("vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small", "resnet50"),
+    "arch": ARCH_CHOICES,
     "attn_backend": ATTENTION_BACKENDS,
     "loss_impl": LOSS_IMPLS,
     "ema_impl": EMA_IMPLS,
@@ -104,7 +106,9 @@ class TrainConfig:
 
     # --- model ------------------------------------------------------------------
     arch: str = "vit_small"
-    """Backbone: vit_tiny | vit_small | vit_base (deit_tiny / deit_small: official aliases) | resnet50."""
+    """Backbone: vit_tiny | vit_small | vit_base (deit_tiny / deit_small: official aliases), an XCiT
+    (xcit_small_12_p16 ...: timm's) or any torchvision classification model (resnet50, resnet18,
+    convnext_tiny ...); the list: python3 -c "import dino_fast.models as m; print(*m.ARCH_CHOICES)"."""
     patch_size: int = 16
     """ViT patch size (16 or 8)."""
     depth: int = 0
@@ -121,6 +125,9 @@ class TrainConfig:
     """Fix the weight-norm gain of the head's last layer to 1 (stabilises training)."""
     use_bn_in_head: bool = False
     """BatchNorm after the hidden linears of the head (official; meant for convnets)."""
+    small_image_stem: bool = False
+    """A torchvision ResNet with a 3x3 stride-1 first conv and no max-pool (CIFAR-style stem for ~32-px
+    inputs: a 4x4 final feature map at 32 px instead of 1x1)."""
 
     # --- loss -------------------------------------------------------------------
     momentum_teacher: float = 0.996
@@ -193,7 +200,8 @@ class TrainConfig:
     """The compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32;
     training, the loader's views and the evaluations all use it (``use_fp16 true`` sets fp16)."""
     compile: bool = False
-    """torch.compile the backbone blocks."""
+    """torch.compile each model's forward as one graph (student over all crops, teacher over the globals,
+    heads included; drop path does not recompile)."""
     fsdp: bool = False
     """Shard student and teacher with FSDP2 even on one process (always on under torchrun with > 1 rank)."""
     activation_checkpointing: bool = False
@@ -243,6 +251,10 @@ class TrainConfig:
         for name in ("global_crops_scale", "local_crops_scale", "ibot_mask_ratio_min_max"):
             value = tuple(float(x) for x in getattr(self, name))
             object.__setattr__(self, name, value)  # frozen: normalised once, here
+        try:  # before the choices: one line saying why (a detection model...), not the whole list
+            family = arch_family(self.arch)
+        except ValueError as e:
+            raise ConfigError(f"config arch={self.arch!r}: {e}") from None
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config {name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
@@ -251,7 +263,7 @@ class TrainConfig:
         for name in ("global_crops_scale", "local_crops_scale"):
             if len(getattr(self, name)) != 2 or not 0 < getattr(self, name)[0] <= getattr(self, name)[1] <= 1:
                 raise ConfigError(f"config {name}={getattr(self, name)}: need two numbers 0 < low <= high <= 1")
-        if not self.arch.startswith("resnet"):
+        if family == "vit":
             for name in ("global_crops_size", "local_crops_size"):
                 if getattr(self, name) % self.patch_size:
                     raise ConfigError(f"config {name}={getattr(self, name)} is not a multiple of "
@@ -263,13 +275,16 @@ class TrainConfig:
             raise ConfigError(f"config use_fp16=true contradicts precision={self.precision!r}: give one of them")
         if self.use_fp16:  # the official flag is one way of saying precision fp16: one name from here on
             object.__setattr__(self, "precision", "fp16")
-        if self.packed_multicrop and self.arch.startswith("resnet"):
-            raise ConfigError("config packed_multicrop=true needs a ViT (token sequences); resnet50 runs one "
+        if self.packed_multicrop and family != "vit":
+            raise ConfigError(f"config packed_multicrop=true needs a ViT (token sequences); {self.arch} runs one "
                               "pass per resolution: drop --packed_multicrop")
+        if self.small_image_stem and not has_resnet_stem(self.arch):
+            raise ConfigError(f"config small_image_stem=true replaces a torchvision ResNet's stem (resnet*, resnext*, "
+                              f"wide_resnet*); {self.arch} has none: drop --small_image_stem")
         if self.ibot_weight > 0:
             lo, hi = self.ibot_mask_ratio_min_max
-            if self.arch.startswith("resnet"):
-                raise ConfigError("config ibot_weight > 0 masks patch tokens: it needs a ViT arch, not resnet50")
+            if family != "vit":
+                raise ConfigError(f"config ibot_weight > 0 masks patch tokens: it needs a ViT arch, not {self.arch}")
             if not 0 <= lo <= hi < 1 or not 0 <= self.ibot_mask_sample_probability <= 1:
                 raise ConfigError("config ibot_mask_ratio_min_max needs 0 <= low <= high < 1 and "
                                   "ibot_mask_sample_probability a probability")

@@ -28,8 +28,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dino_fast.checkpoint import atomic_torch_save, consolidate, read_checkpoint_values
-from dino_fast.errors import CheckpointError, ConfigError
+from dino_fast.checkpoint import atomic_torch_save, consolidate
+from dino_fast.checkpoint_read import read_checkpoint_values
+from dino_fast.errors import ConfigError
 from dino_fast.models import infer_resnet_arch, is_resnet_state_dict
 from dino_fast.official import describe_official_grid, to_official_checkpoint, to_official_grid
 
@@ -156,9 +157,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, output: str | Path,
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     path = Path(checkpoint)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint directory (step-XXXXXXXX/ in <output_dir>/checkpoints)")
-    full = consolidate(path)
+    full = consolidate(path)  # a missing, deleted or unfinished checkpoint: one line saying which
     if fmt == "official":
         note = describe_official_grid(full["teacher"], "backbone.")
         # Optimizer state is not exported: the official evaluations read the models only.

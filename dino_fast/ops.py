@@ -89,11 +89,12 @@ def dino_loss_floor_bytes(batch: int, ncrops: int, k: int, student_dtype: torch.
 
 
 def multi_tensor_ema_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
-                      momentum: float | torch.Tensor, *, cache: dict | None = None, chunk: int | None = None,
-                      block: int | None = None) -> None:
-    """In-place teacher EMA; see :func:`dino_fast.kernels.ema.multi_tensor_ema_` (its chunk/block
-    defaults when None)."""
+                      momentum: float | torch.Tensor, *, copies: Sequence[torch.Tensor] = (),
+                      cache: dict | None = None, chunk: int | None = None, block: int | None = None) -> None:
+    """In-place teacher EMA, and the compute-dtype ``copies`` of the first ``len(copies)`` teacher
+    tensors written in the same pass; see :func:`dino_fast.kernels.ema.multi_tensor_ema_` (its
+    chunk/block defaults when None)."""
     from dino_fast.kernels.ema import multi_tensor_ema_ as _f
 
     sizes = {name: value for name, value in (("chunk", chunk), ("block", block)) if value is not None}
-    _f(teacher, student, momentum, cache=cache, **sizes)
+    _f(teacher, student, momentum, copies=copies, cache=cache, **sizes)

@@ -105,7 +105,7 @@ def parallelize(student: nn.Module, teacher: nn.Module, cfg: TrainConfig, device
                 dtype: torch.dtype = torch.float32) -> bool:
     """Activation checkpointing (student, if configured) and FSDP2 on both models when the run is
     distributed or ``cfg.fsdp`` forces it; parameters are all-gathered and computed in ``dtype``
-    (the run's compute dtype, :func:`dino_fast.precision.compute_dtype`). Returns True when the
+    (the run's compute dtype, :func:`dino_fast.precision.resolve_compute_dtype`). Returns True when the
     models were sharded."""
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(student)  # the teacher runs under no_grad: nothing to recompute

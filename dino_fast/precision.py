@@ -8,13 +8,13 @@ import os
 
 import torch
 
-__all__ = ["PRECISIONS", "compute_dtype", "autocast", "configure_determinism"]
+__all__ = ["PRECISIONS", "resolve_compute_dtype", "autocast", "configure_determinism"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+def resolve_compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     """``precision`` (auto | bf16 | fp16 | fp32) on ``device`` -> the dtype matmuls run in.
 
     auto: bf16 on CUDA, fp32 elsewhere (CPU autocast to bf16 is slower than fp32 on most CPUs)."""

@@ -13,6 +13,9 @@ Accepted by :func:`load_pretrained` (told apart by content, not file name):
   models (the teacher is DDP-wrapped too when the model has BatchNorm);
 - a timm ViT state dict (``.pth`` or ``.safetensors``), whose classifier
   ``head.*`` is dropped with a note;
+- XCiT: the official facebookresearch/xcit layout (``dino_xcit_*_pretrain.pth``, an official XCiT
+  run's checkpoint) or timm's, loaded into timm's XCiT (``pos_embeder.*`` and the class-attention
+  ``qkv`` renamed to timm's names: ``models.xcit.xcit_timm_keys``);
 - dino_fast's own training checkpoints (``"format": "dino_fast"``).
 
 Files are read with ``torch.load(weights_only=True)`` and the one allowlist of
@@ -41,8 +44,9 @@ import torch
 from torch import nn
 
 from dino_fast.errors import PretrainedError
-from dino_fast.models import (ARCHS, build_backbone, build_resnet, canonical_arch, infer_resnet_arch, is_resnet_arch,
-                              is_resnet_state_dict)
+from dino_fast.models import (ARCHS, XCIT_ARCHS, build_backbone, build_resnet, build_xcit, canonical_arch,
+                              infer_resnet_arch, infer_xcit_arch, is_resnet_arch, is_resnet_state_dict, is_xcit_state_dict,
+                              xcit_timm_keys)
 from dino_fast.safe_load import torch_load_safe
 
 __all__ = ["PretrainedError", "load_pretrained", "load_backbone_weights_", "load_checkpoint_file", "infer_vit_config",
@@ -160,7 +164,7 @@ def _backbone_keys(sd: dict[str, torch.Tensor], src: str) -> dict[str, torch.Ten
     if classifier:
         log.info("%s: dropping classifier weights %s (the backbone outputs CLS features)", src, classifier)
         sd = {k: v for k, v in sd.items() if k not in classifier}
-    return sd
+    return xcit_timm_keys(sd) if is_xcit_state_dict(sd) else sd  # official XCiT names -> timm's
 
 
 # --------------------------------------------------------------------------- architecture
@@ -223,7 +227,7 @@ def _read(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[st
             from dino_fast.checkpoint import consolidate, is_dcp_checkpoint
 
             if not is_dcp_checkpoint(path_or_state_dict):
-                raise PretrainedError(f"{src} is a folder but not a dino_fast sharded checkpoint")
+                raise PretrainedError(f"{src} is a folder but not a dino_fast checkpoint directory (no .metadata)")
             obj = consolidate(path_or_state_dict)
         else:
             obj = load_checkpoint_file(path_or_state_dict)
@@ -289,6 +293,18 @@ def load_pretrained(path_or_state_dict: str | os.PathLike | Mapping[str, Any], k
             arch = canonical_arch(arch)
         except ValueError as e:
             raise PretrainedError(f"{src}: {e}") from None
+    if is_xcit_state_dict(sd) or arch in XCIT_ARCHS:
+        try:
+            found_xcit, found_depth = infer_xcit_arch(sd)
+        except ValueError as e:
+            raise PretrainedError(f"{src}: {e}") from None
+        if arch is not None and arch != found_xcit:
+            raise PretrainedError(f"{src}: arch {arch!r} given but the weights are a {found_xcit}")
+        depth = depth or (found_depth if arch is None else None)  # a named arch: its own depth, as for a ViT
+        what = f"{found_xcit} (timm XCiT{f', depth {depth}' if depth else ''})"
+        model = _materialize(partial(build_xcit, found_xcit, **({"depth": depth} if depth else {})), sd, src, what)
+        log.info("loaded %s from %s as %s", desc, src, what)
+        return model
     if is_resnet_state_dict(sd) or (arch is not None and is_resnet_arch(arch)):
         try:
             found_resnet = infer_resnet_arch(sd)
@@ -297,7 +313,9 @@ def load_pretrained(path_or_state_dict: str | os.PathLike | Mapping[str, Any], k
         if arch is not None and not is_resnet_arch(arch):
             raise PretrainedError(f"{src}: arch {arch!r} given but the weights are a {found_resnet}")
         arch = arch or found_resnet
-        model = _materialize(partial(build_resnet, arch), sd, src, f"{arch} (torchvision, fc = Identity)")
+        stem = "conv1.weight" in sd and sd["conv1.weight"].shape[-1] == 3  # small_image_stem: 3x3 conv1, no max-pool
+        model = _materialize(partial(build_resnet, arch, small_image_stem=stem), sd, src,
+                             f"{arch}{' (small-image stem)' if stem else ''} (torchvision, fc = Identity)")
         log.info("loaded %s from %s as %s", desc, src, arch)
         return model
     if "mask_token" in sd:  # iBOT / DINOv2 masked-image-modelling input: never used by the forward

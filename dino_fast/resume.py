@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dino_fast.checkpoint import read_checkpoint_values
+from dino_fast.checkpoint_read import read_checkpoint_values
 from dino_fast.plan import RunPlan
 
 __all__ = ["MODEL_KEYS", "mismatch_hint", "data_changes", "plan_changes"]

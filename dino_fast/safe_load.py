@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import warnings
 from typing import IO, Any
 
 import torch
@@ -44,7 +45,10 @@ TORCH_LOAD_GLOBALS: tuple[Any, ...] = (argparse.Namespace, *_numpy_globals())
 def torch_load_safe(path: str | os.PathLike | IO[bytes]) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with :data:`TORCH_LOAD_GLOBALS`
     allowed. Raises what torch.load raises (``pickle.UnpicklingError`` for a refused global)."""
-    with torch.serialization.safe_globals(list(TORCH_LOAD_GLOBALS)):
+    with torch.serialization.safe_globals(list(TORCH_LOAD_GLOBALS)), warnings.catch_warnings():
+        # a plain pickle (not torch.save's zip) makes torch warn about its protocol before it
+        # fails: the caller's one-line error says what the file is
+        warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

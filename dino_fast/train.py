@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from dino_fast.checkpoint import Checkpointer
 from dino_fast.config import TrainConfig, write_config
@@ -38,7 +39,7 @@ from dino_fast.objective import Objective
 from dino_fast.optim import build_optimizer, cancel_last_layer_gradients_, clip_gradients_, set_schedule_
 from dino_fast.parallel import all_reduce_max, check_config_agrees, init_single_process_group, parallelize
 from dino_fast.plan import RunPlan, TimeBudget
-from dino_fast.precision import autocast, compute_dtype, configure_determinism
+from dino_fast.precision import autocast, resolve_compute_dtype, configure_determinism
 from dino_fast.resume import data_changes, mismatch_hint, plan_changes
 from dino_fast.runlock import RunLock, check_output_dir
 from dino_fast.signals import GracefulStop, Interrupted
@@ -66,26 +67,48 @@ class Trainer:
         check_config_agrees(cfg)
         self.out = check_output_dir(cfg.output_dir)
         _seed_everything(cfg.seed)
-        self.compute_dtype = compute_dtype(cfg.precision, self.device)
+        self.compute_dtype = resolve_compute_dtype(cfg.precision, self.device)
         self.data = build_train_data(cfg, self.device, self.rank, self.world, self.compute_dtype)
         niter = self.data.num_batches // cfg.accum_steps
         if niter < 1:
             raise DataError(f"{self.data.num_batches} batches per epoch is fewer than accum_steps={cfg.accum_steps}")
         self.plan = RunPlan.from_config(cfg, niter, self.world)
-        self.student, self.teacher = build_models(cfg, self.device)
-        self.sharded = parallelize(self.student, self.teacher, cfg, self.device, self.compute_dtype)
+        student, teacher = build_models(cfg, self.device, self.compute_dtype)
+        sharded = parallelize(student, teacher, cfg, self.device, self.compute_dtype)
+        self._build_step(student, teacher, sharded, data=self.data.identity())
+        self.checkpointer = Checkpointer(self.out, every=cfg.checkpoint_every, snapshot_every=cfg.saveckp_freq)
+        self._last_ckpt: Path | None = None
+        self._last_log_step = 0
+
+    def _build_step(self, student: nn.Module, teacher: nn.Module, sharded: bool,
+                    data: dict[str, Any] | None = None) -> None:
+        """What :meth:`train_step` needs, around the two models: EMA, optimizer, objective (losses and
+        their centers), loss scaler, train state and the on-device loss accumulators."""
+        cfg = self.cfg
+        self.student, self.teacher, self.sharded = student, teacher, sharded
         self.ema = TeacherEMA(self.student, self.teacher, impl=cfg.ema_impl)
         self.optimizer = build_optimizer(self.student, cfg.optimizer)
         self.objective = Objective(cfg, self.device, self.rank)
         # fp16 needs loss scaling (bf16 has fp32's range and does not)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None
-        self.state = TrainState(cfg.to_dict(), self.plan, cfg.seed, data=self.data.identity())
-        self.checkpointer = Checkpointer(self.out, every=cfg.checkpoint_every, snapshot_every=cfg.saveckp_freq)
+        self.state = TrainState(cfg.to_dict(), self.plan, cfg.seed, data=data)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         self._epoch_loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._last_ckpt: Path | None = None
-        self._last_log_step = 0
+
+    @classmethod
+    def for_step(cls, cfg: TrainConfig, device: torch.device, student: nn.Module, teacher: nn.Module,
+                 niter_per_epoch: int = 100) -> "Trainer":
+        """A Trainer that can run :meth:`train_step` and nothing else, on prebuilt models: no data,
+        output folder, process group or checkpointer. For looking at the step on its own (the
+        fake-CUDA trace in tests/preflight, the CPU proxies of bench/preflight.py)."""
+        self = cls.__new__(cls)
+        self.cfg, self.clock, self.device = cfg, time.perf_counter, torch.device(device)
+        self.rank, self.world, self.main = 0, 1, True
+        self.compute_dtype = resolve_compute_dtype(cfg.precision, self.device)
+        self.plan = RunPlan.from_config(cfg, niter_per_epoch, 1)
+        self._build_step(student, teacher, sharded=False)
+        return self
 
     # ------------------------------------------------------------------ views of the state
     @property
@@ -111,10 +134,9 @@ class Trainer:
 
     def describe(self) -> list[str]:
         """What runs and why, for the start-up log."""
-        cfg = self.cfg
-        attn = next((m for m in self.student.modules() if hasattr(m, "backend") and hasattr(m, "head_dim")), None)
-        attention = ("none (a convnet)" if attn is None else describe_attention(self.device, self.compute_dtype, attn.head_dim)
-                     if cfg.attn_backend == "auto" else f"{cfg.attn_backend} (requested)")
+        backend, head_dim = self.student.attn_backend, self.student.attn_head_dim
+        attention = ("none (a convnet)" if backend is None else f"{backend} (requested)" if backend != "auto"
+                     else describe_attention(self.device, self.compute_dtype, head_dim))
         return [f"model: {self.cfg.arch}/{self.cfg.patch_size}, compute dtype "
                 f"{str(self.compute_dtype).replace('torch.', '')}{', FSDP2' if self.sharded else ''}, "
                 f"{self.plan.stop_step} steps ({self.plan.run_epochs} epochs x {self.plan.niter_per_epoch})",

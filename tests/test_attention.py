@@ -458,7 +458,7 @@ def test_xformers_build_problem_names_the_versions():
 
 
 def test_auto_resolution_is_constant_under_compile():
-    """The blocks are torch.compile'd: resolving "auto" must not break the graph or trace a probe."""
+    """The model is torch.compile'd: resolving "auto" must not break the graph or trace a probe."""
     ours, _ = _pair(16, 2, seed=4, device=torch.device("cpu"))
     seqs = PackedSeqlens([2, 5, 5])
     x = torch.randn(1, 12, 16)

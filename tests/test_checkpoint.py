@@ -275,3 +275,33 @@ def test_resume_auto_falls_back_past_a_damaged_newest(demo_root, tmp_path, caplo
     explicit = Trainer(tiny_cfg(demo_root, tmp_path / "x", max_steps=5))
     with pytest.raises(UnreadableCheckpointError, match="truncated"):  # a named checkpoint is never swapped
         explicit.resume(str(damaged))
+
+
+def test_export_of_a_rotated_checkpoint_says_it_no_longer_exists(demo_root, tmp_path):
+    """Issue 29 row 7: it said "is not a checkpoint directory"."""
+    from dino_fast.export import export_checkpoint
+
+    Trainer(tiny_cfg(demo_root, tmp_path, max_steps=4, checkpoint_every=1)).fit()
+    gone = tmp_path / "checkpoints" / "step-00000001"
+    assert not gone.exists()  # rotation keeps the newest two
+    with pytest.raises(CheckpointError, match=r"step-00000001 does not exist \(or no longer.*now holds "
+                                              r"step-00000003, step-00000004"):
+        export_checkpoint(gone, "official", tmp_path / "x.pth")
+
+
+def test_plain_pickle_and_our_checkpoint_described_as_they_are(demo_root, tmp_path, capsys, caplog):
+    """Issue 29 row 10: a plain-pickle .pth printed torch's UserWarning before the one-line error,
+    and eval logs called a dino_fast checkpoint an "official DINO training checkpoint"."""
+    from dino_fast.cli import main
+    from dino_fast.pretrained import load_pretrained
+
+    plain = tmp_path / "plain.pth"
+    plain.write_bytes(pickle.dumps({"teacher": {"w": [1.0, 2.0]}}, protocol=4))
+    assert main(["knn", "--pretrained_weights", str(plain), "--data_path", str(demo_root)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("dino-fast: error:") and str(plain) in err[0], err
+    path = Trainer(tiny_cfg(demo_root, tmp_path / "o", max_steps=1)).fit()["checkpoint"]
+    with caplog.at_level("INFO"):
+        load_pretrained(path)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "dino_fast checkpoint" in text and "official DINO training checkpoint" not in text, text

@@ -145,7 +145,7 @@ def test_build_train_data_dali(jpeg_root):
                                      global_crops_scale=(0.5, 1.0), local_crops_scale=(0.1, 0.3),
                                      local_crops_number=3, global_crops_size=32, local_crops_size=16, patch_size=8,
                                      num_workers=2, seed=3))
-    data = build_train_data(cfg, torch.device("cpu"), rank=1, world=2, dtype=torch.bfloat16)
+    data = build_train_data(cfg, torch.device("cpu"), rank=1, world=2, compute_dtype=torch.bfloat16)
     loader = data.loader
     assert data.backend == "dali" and "bfloat16" in data.describe()
     assert (loader.batch_size, loader.num_views, loader.shard_id, loader.num_shards, loader.seed) == (4, 5, 1, 2, 3)

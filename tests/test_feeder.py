@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dino_fast.data.feeder import Feeder
-from tests.helpers import write_image_folder
+from tests.helpers import requires_cuda, write_image_folder
 
 FEEDER = "dino-fast-dali-feeder"
 
@@ -99,7 +99,8 @@ def _loader(root: Path, prefetch: int, **kw):
     pytest.importorskip("nvidia.dali")
     from dino_fast.data.dali import DALIMultiCropLoader
 
-    return DALIMultiCropLoader(root, 4, local_crops_number=2, global_crops_size=32, local_crops_size=16, device="cpu",
+    kw.setdefault("device", "cpu")
+    return DALIMultiCropLoader(root, 4, local_crops_number=2, global_crops_size=32, local_crops_size=16,
                                num_threads=1, seed=3, return_params=True, prefetch_batches=prefetch, **kw)
 
 
@@ -180,3 +181,38 @@ def test_exception_in_the_loader_feeder_reaches_the_consumer(root, monkeypatch):
     assert calls == [FEEDER], "the conversion must run in the feeder thread"
     assert not _wait_gone(FEEDER)
     loader.close()
+
+
+@requires_cuda
+def test_gpu_side_stream_batches_equal_inline(root):
+    """GPU mode: the photometric ops on the feeder's side stream, the consumer's stream waiting on its event."""
+    inline = _loader(root, 0, device="gpu")
+    ref = [list(inline) for _ in range(2)]
+    threaded = _loader(root, 2, device="gpu")
+    for epoch in range(2):
+        got = list(threaded)
+        assert all(v.is_cuda for b in got for v in b[0])
+        _same([([v.cpu() for v in b[0]], b[1].cpu(), b[2]) for b in got],
+              [([v.cpu() for v in b[0]], b[1].cpu(), b[2]) for b in ref[epoch]])
+    for loader in (inline, threaded):
+        loader.close()
+    assert not _wait_gone(FEEDER)
+
+
+def test_a_dropped_loader_is_freed_at_once(root):
+    """No reference cycle through DALI's callback: a forked DataLoader worker would otherwise collect the
+    pipeline and run DALI's shutdown on threads that do not exist there (a segfault, seen in bench_data)."""
+    import weakref
+
+    loader = _loader(root, 2)
+    it = iter(loader)
+    next(it)
+    del it
+    refs = weakref.ref(loader), weakref.ref(loader._pipe)
+    gc.disable()
+    try:
+        del loader
+        assert [r() for r in refs] == [None, None], "the loader or its pipeline waits for the cyclic GC"
+    finally:
+        gc.enable()
+    assert not _wait_gone(FEEDER)

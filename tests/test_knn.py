@@ -3,7 +3,6 @@ class check (by name); the `dino-fast knn` command line on small synthetic folde
 official eval_knn.py flag; the k-NN of a training run in the run's compute dtype."""
 import argparse
 import logging
-import os
 
 import pytest
 import torch
@@ -293,12 +292,12 @@ def test_knn_dtype_of_a_cuda_run(demo_root, tmp_path, monkeypatch, precision, ex
     """On CUDA `auto` is bf16: a `precision: fp32` run must still evaluate in fp32 (mocked device)."""
     import dino_fast.eval.knn as knn
     from dino_fast.eval.periodic import PeriodicKnn
-    from dino_fast.precision import compute_dtype
+    from dino_fast.precision import resolve_compute_dtype
     from tests.test_train import tiny_cfg
 
     got = {}
     monkeypatch.setattr(knn, "knn_eval", lambda *a, **kw: got.update(kw) or {5: (0.0, 0.0)})
     cuda = torch.device("cuda", 0)
     cfg = tiny_cfg(demo_root, tmp_path, precision=precision, knn_every_min=1.0, val_path="v", knn_k=5)
-    PeriodicKnn.from_config(cfg, cuda, compute_dtype(cfg.precision, cuda))(torch.nn.Identity(), 0, 0.0)
-    assert got["dtype"] == expected and got["device"] == cuda
+    PeriodicKnn.from_config(cfg, cuda, resolve_compute_dtype(cfg.precision, cuda))(torch.nn.Identity(), 0, 0.0)
+    assert got["compute_dtype"] == expected and got["device"] == cuda

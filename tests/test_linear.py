@@ -410,5 +410,5 @@ def test_online_probe_runs_in_the_given_dtype(tiny_vit, monkeypatch, dtype):
     seen = record_autocast(monkeypatch, linear, "backbone_features")
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     loader = DataLoader(TensorDataset(x, torch.tensor([0, 1, 0, 1, 0, 1])), batch_size=3)
-    linear.run_linear_probe_online(tiny_vit, loader, loader, epochs=1, n_last_blocks=1, num_classes=2, dtype=dtype)
+    linear.run_linear_probe_online(tiny_vit, loader, loader, epochs=1, n_last_blocks=1, num_classes=2, compute_dtype=dtype)
     assert seen and set(seen) == {dtype}

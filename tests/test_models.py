@@ -169,21 +169,26 @@ def test_packed_interleaved_and_single_view(backend, sizes, device, twins):
 
 
 @pytest.mark.parametrize("backend", ["auto", "varlen", "flex"])
-def test_packed_with_compiled_blocks(backend, twins):
-    """The trainer torch.compile's every block: the packed path (backend resolution, cached
-    cu_seqlens / block mask read inside the block) must trace and agree with eager. Dynamo only
-    (backend="eager"): inductor on 2 CPU cores would take minutes."""
+@pytest.mark.parametrize("whole", [True, False])
+def test_packed_compiled_agrees_with_eager(backend, whole, twins):
+    """Compiled as the trainer does (``compile: true``: the whole packed forward, PackedSeqlens
+    and its cached cu_seqlens / block mask built inside) or block by block (e.g. under FSDP):
+    it traces and agrees with eager. Dynamo only (backend="eager"): inductor on 2 CPU cores
+    would take minutes; graph counts are tests/preflight/test_compile.py's."""
     model = load_from(timm_reference(depth=2, patch_size=8, seed=17), backend, "cpu")
     xs = views(batch=2, seed=8, device="cpu", sizes=(24, 16, 16))
     try:
         with torch.no_grad():
             expected = model.forward_packed(xs)
-            for blk in model.blocks:
-                blk.compile(backend="eager")
-            out = model.forward_packed(xs)
+            if whole:
+                out = torch.compile(model.forward_packed, backend="eager")(xs)
+            else:
+                for blk in model.blocks:
+                    blk.compile(backend="eager")
+                out = model.forward_packed(xs)
     finally:
         torch._dynamo.reset()
-    assert_close(out, expected, name=f"{backend} compiled blocks", rtol=1e-5, atol=1e-5)
+    assert_close(out, expected, name=f"{backend} compiled (whole={whole})", rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "varlen"])

@@ -707,19 +707,71 @@ def test_hub_has_every_official_entry(no_download):
     assert all(callable(getattr(hub, name, None)) for name in OFFICIAL_HUB_NAMES)
 
 
-@pytest.mark.parametrize("name", [n for n in OFFICIAL_HUB_NAMES if "xcit" in n])
-def test_hub_xcit_says_what_is_missing(name, no_download):
-    """XCiT needs a backbone dino_fast.models cannot build yet: one line naming the entry and why."""
-    from dino_fast.models import canonical_arch
+# ----------------------------------------------------------------------------- XCiT
+def official_xcit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A timm XCiT's weights under the facebookresearch/xcit names (xcit.py; the released
+    dino_xcit_*_pretrain.pth): ``pos_embeder.*`` for timm's ``pos_embed.*``, and one class-attention
+    ``qkv`` Linear for timm's ``q``, ``k``, ``v`` (official ``qkv(x).reshape(B, N, 3, heads, C // heads)``:
+    the q rows, then k, then v)."""
+    src, out = model.state_dict(), {}
+    for k, v in src.items():
+        if k.startswith("pos_embed."):
+            out["pos_embeder." + k[len("pos_embed."):]] = v
+        elif k.startswith("cls_attn_blocks.") and ".attn.q." in k:
+            out[k.replace(".attn.q.", ".attn.qkv.")] = torch.cat([v, src[k.replace(".attn.q.", ".attn.k.")],
+                                                                  src[k.replace(".attn.q.", ".attn.v.")]])
+        elif not (k.startswith("cls_attn_blocks.") and (".attn.k." in k or ".attn.v." in k)):
+            out[k] = v
+    return out
 
-    try:
-        canonical_arch(name.removeprefix("dino_"))
-    except ValueError:
-        with pytest.raises(NotImplementedError, match=f"^{name}: dino_fast.models cannot build XCiT") as e:
-            torch.hub.load(REPO, name, source="local")
-        assert "\n" not in str(e.value)
-    else:  # the models helper added XCiT: the entry builds it, and still never downloads
-        model = torch.hub.load(REPO, name, source="local")
-        assert isinstance(model, nn.Module)
-        with pytest.raises(ValueError, match="never downloads"):
-            torch.hub.load(REPO, name, source="local", pretrained=True)
+
+def _xcit(arch: str = "xcit_small_12_p16", seed: int = 40) -> nn.Module:
+    torch.manual_seed(seed)
+    return _randomize_bn_(build_backbone(arch, depth=1)).eval()
+
+
+@pytest.mark.parametrize("layout", ["released", "official_training"])
+def test_official_xcit_weights(layout):
+    """Official XCiT weights (the released file, or an official run whose teacher is DDP-wrapped
+    because XCiT has BatchNorm) load strictly into timm's XCiT and give its features."""
+    from timm.models.xcit import checkpoint_filter_fn
+
+    from dino_fast.models import xcit_timm_keys
+
+    ref = _xcit()
+    sd = official_xcit_state_dict(ref)
+    assert "pos_embeder.token_projection.weight" in sd and "cls_attn_blocks.1.attn.qkv.weight" in sd
+    mapped = xcit_timm_keys(sd)
+    timm_mapped = checkpoint_filter_fn(dict(sd), ref)  # timm's own reading of the official names
+    assert set(mapped) == set(timm_mapped) == set(ref.state_dict())
+    assert all(torch.equal(mapped[k], timm_mapped[k]) for k in mapped)
+    if layout == "official_training":
+        teacher = {f"module.backbone.{k}": v for k, v in sd.items()} | fake_head(384, prefix="module.head.")
+        sd = {"teacher": teacher, "student": teacher, "epoch": 1}
+    model = load_pretrained(sd)
+    assert type(model) is type(ref) and len(model.blocks) == 1 and model.embed_dim == 384
+    x = _images(40, 48, batch=2)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), name=f"official XCiT ({layout})", **FP32)
+    with pytest.raises(PretrainedError, match="missing keys"):  # a named arch is its full 12 blocks
+        load_pretrained(sd, arch="xcit_small_12_p16")
+    with pytest.raises(PretrainedError, match="weights are a xcit_small_12_p16"):
+        load_pretrained(sd, arch="xcit_medium_24_p16")
+
+
+@pytest.mark.parametrize("name,dim,patch", [("dino_xcit_small_12_p16", 384, 16), ("dino_xcit_small_12_p8", 384, 8),
+                                            ("dino_xcit_medium_24_p16", 512, 16), ("dino_xcit_medium_24_p8", 512, 8)])
+def test_hub_xcit(tmp_path, name, dim, patch, no_download):
+    """The official XCiT entries build timm's XCiT (num_classes=0), read the released file's names,
+    and never download."""
+    model = torch.hub.load(REPO, name, source="local", depth=1, num_classes=0)  # depth: a cheap build
+    assert (model.embed_dim, model.patch_embed.patch_size, len(model.blocks)) == (dim, patch, 1)
+    with pytest.raises(ValueError, match="never downloads.*dl.fbaipublicfiles.com/dino/"):
+        torch.hub.load(REPO, name, source="local", pretrained=True, depth=1)
+    ref = _xcit(name.removeprefix("dino_"), seed=41)
+    path = tmp_path / f"{name}_pretrain.pth"
+    torch.save(official_xcit_state_dict(ref), path)
+    model = torch.hub.load(REPO, name, source="local", weights=path, depth=1).eval()
+    x = _images(41, 32, batch=2)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), name=f"hub {name}(weights=...)", **FP32)

@@ -7,7 +7,8 @@ import signal
 import pytest
 import torch
 
-from dino_fast.checkpoint import latest_checkpoint, read_checkpoint_values
+from dino_fast.checkpoint import latest_checkpoint
+from dino_fast.checkpoint_read import read_checkpoint_values
 from dino_fast.signals import GracefulStop, Interrupted
 from dino_fast.train import Trainer
 from tests.helpers import start_train, wait_for

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_fast.checkpoint import consolidate, latest_checkpoint, read_checkpoint_values
+from dino_fast.checkpoint import consolidate, latest_checkpoint
+from dino_fast.checkpoint_read import read_checkpoint_values
 from dino_fast.cli import main
 from dino_fast.config import TrainConfig
 from dino_fast.train import NonFiniteLossError, Trainer
@@ -311,7 +312,11 @@ def test_official_log_snapshots_and_checkpoint(demo_root, tmp_path):
     assert official["epoch"] == 3 and set(official) >= {"student", "teacher", "optimizer", "args", "dino_loss"}
     teacher = {k.replace("module.", "").replace("backbone.", ""): v for k, v in official["teacher"].items()}
     backbone = trainer.teacher.backbone.state_dict()
-    assert all(torch.equal(teacher[k], v) for k, v in backbone.items())
+    from dino_fast.models import interpolate_pos_encoding
+
+    side = 224 // cfg.patch_size  # the official 224-px grid, whatever the crop size trained (issue 30 row 1)
+    backbone_224 = {**backbone, "pos_embed": interpolate_pos_encoding(backbone["pos_embed"], side, side)}
+    assert all(torch.equal(teacher[k], v) for k, v in backbone_224.items())
     from dino_fast.pretrained import load_pretrained
 
     model = load_pretrained(tmp_path / "checkpoint.pth")
@@ -323,7 +328,7 @@ def test_dali_views_follow_the_compute_dtype(demo_root, monkeypatch):
     decided apart from the compute dtype. Now the one compute dtype goes to the loader."""
     import dino_fast.data.dali as dali
     from dino_fast.data.build import build_train_data
-    from dino_fast.precision import compute_dtype
+    from dino_fast.precision import resolve_compute_dtype
 
     seen = {}
 
@@ -338,7 +343,7 @@ def test_dali_views_follow_the_compute_dtype(demo_root, monkeypatch):
     cuda = torch.device("cuda", 0)
     for precision, expected in (("fp32", torch.float32), ("auto", torch.bfloat16), ("fp16", torch.float16)):
         cfg = tiny_cfg(demo_root, Path("unused"), data_backend="dali", precision=precision)
-        build_train_data(cfg, cuda, dtype=compute_dtype(cfg.precision, cuda))
+        build_train_data(cfg, cuda, compute_dtype=resolve_compute_dtype(cfg.precision, cuda))
         assert seen["dtype"] == expected, precision
 
 

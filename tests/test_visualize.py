@@ -226,5 +226,5 @@ def test_visualize_runs_in_the_given_dtype(tmp_path, vit, monkeypatch, dtype):
 
     seen = record_autocast(monkeypatch, visualize, "cls_attention")
     write_image(tmp_path / "in.png", 40, 40)
-    visualize_attention(vit, tmp_path / "in.png", tmp_path / "o", image_size=32, threshold=None, dtype=dtype)
+    visualize_attention(vit, tmp_path / "in.png", tmp_path / "o", image_size=32, threshold=None, compute_dtype=dtype)
     assert seen == [dtype]

@@ -40,8 +40,8 @@ class TrainData:
     epoch/resume control. ``epoch(e, start_batch)`` yields lists of view tensors on the device."""
 
     def __init__(self, cfg: Any, device: torch.device, rank: int = 0, world: int = 1,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.cfg, self.device, self.dtype = cfg, device, dtype
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        self.cfg, self.device, self.compute_dtype = cfg, device, compute_dtype
         self.backend, self.why = resolve_data_backend(cfg.data_backend, device)
         if not cfg.data_path:
             raise ConfigError("config data_path is empty: give --data_path <ImageFolder root or shard folder> "
@@ -54,10 +54,10 @@ class TrainData:
             self.loader = self.multicrop.dali_loader(
                 cfg.data_path, batch_size=cfg.batch_size_per_gpu, device="gpu" if on_gpu else "cpu",
                 device_id=device.index if on_gpu else None, num_threads=max(1, cfg.num_workers), seed=cfg.seed,
-                shard_id=rank, num_shards=world, dtype=dtype)
+                shard_id=rank, num_shards=world, dtype=compute_dtype)
             self.num_batches = len(self.loader)
             self.sampler = None
-            self.view_dtype = dtype
+            self.view_dtype = compute_dtype
         else:
             from dino_fast.data.folder import collate_views
             from dino_fast.data.sampling import ResumableSampler, SeededDataset
@@ -104,8 +104,8 @@ class TrainData:
 
 
 def build_train_data(cfg: Any, device: torch.device, rank: int = 0, world: int = 1,
-                     dtype: torch.dtype = torch.float32) -> TrainData:
+                     compute_dtype: torch.dtype = torch.float32) -> TrainData:
     """The training data of ``cfg`` (official names: data_path, batch_size_per_gpu, global/local crops
-    scale/number/size, num_workers, seed, data_backend) for this rank. DALI gives views in ``dtype``
+    scale/number/size, num_workers, seed, data_backend) for this rank. DALI gives views in ``compute_dtype``
     (on the GPU or the CPU); torchvision gives fp32 (autocast casts in the model)."""
-    return TrainData(cfg, device, rank, world, dtype)
+    return TrainData(cfg, device, rank, world, compute_dtype)

@@ -73,6 +73,7 @@ call, and the 2 + N windows of an image cover most of it, so one full decode ser
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
@@ -119,6 +120,21 @@ def _multicrop_graph(source: Any, sizes: tuple[int, ...], on_gpu: bool, hw_decod
         if group:  # one tensor per resolution: the torch side then works on whole batches of views
             outputs.append(fn.transpose(fn.stack(*group, axis=0, axis_name="F"), perm=[0, 3, 1, 2]))
     return tuple(outputs)
+
+
+def _weak_callback(loader: "DALIMultiCropLoader") -> Any:
+    """The external source's callback, holding the loader weakly: a loader dropped by its user is freed at once
+    (with its pipeline and threads), not left in a reference cycle that a forked DataLoader worker would then
+    collect, running DALI's shutdown on threads that do not exist there (a segfault)."""
+    ref = weakref.ref(loader)
+
+    def feed() -> tuple[Any, ...]:
+        live = ref()
+        if live is None:
+            raise StopIteration
+        return live._next_input()
+
+    return feed
 
 
 def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:
@@ -307,7 +323,7 @@ class DALIMultiCropLoader:
         sizes = tuple(v.size for v in self._views)
         # No DALI operator draws anything: the pipeline seed only fixes DALI's internals.
         pipe = pipeline_def(_multicrop_graph)(
-            self._next_input, sizes, on_gpu, self.hw_decoder_load, batch_size=self.batch_size,
+            _weak_callback(self), sizes, on_gpu, self.hw_decoder_load, batch_size=self.batch_size,
             num_threads=self.num_threads, device_id=self.device_id if on_gpu else None, seed=self.seed,
             prefetch_queue_depth=self.prefetch_queue_depth)
         self._names = ["globals", "locals"][:1 + (self.local_crops_number > 0)]

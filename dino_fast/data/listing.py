@@ -18,9 +18,9 @@ Symbolic links (every skip is a warning naming the link):
 - links pointing outside the data root are followed (a folder built from links to class folders
   elsewhere is common), under the same rules; a broken link is skipped.
 
-The cached index (classes, files, the warnings above) is written after a scan, beside the data
-(``<parent>/.<root name>.dino_fast_index.json``) when that folder is writable, else under
-``$DINO_FAST_CACHE/index`` or ``~/.cache/dino_fast/index``. It is reused while every directory
+The cached index (classes, files, the warnings above) is written after a scan under
+``$DINO_FAST_CACHE/index`` or ``~/.cache/dino_fast/index``, named after the data root's real path
+(never beside the data: it may be read-only, shared or someone else's). It is reused while every directory
 the scan entered has the same (device, inode, mtime): adding, removing or renaming a file or a
 folder anywhere in the tree changes the mtime of the directory holding it. What it cannot see:
 a file's contents rewritten in place (the listing is still right; a broken file is then found as
@@ -108,7 +108,7 @@ class _Walk:
         """(image files, [(subdir, is_link)], file links) of one directory, sorted; recorded for the index."""
         if path not in self.tree:
             st = os.stat(path)
-            self.dirs.append((path, st.st_dev, st.st_ino, st.st_mtime_ns))
+            self.dirs.append((os.path.abspath(path), st.st_dev, st.st_ino, st.st_mtime_ns))  # cwd-proof check
             files, subdirs, links = [], [], []
             with os.scandir(path) as it:
                 for e in it:
@@ -217,12 +217,9 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DINO_FAST_CACHE") or Path.home() / ".cache" / "dino_fast").expanduser() / "index"
 
 
-def index_path(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS, beside: bool = True) -> Path:
-    """Where the index of ``root`` lives: beside it (``beside=True``), or in the cache folder."""
-    root = Path(os.path.abspath(root))
-    if beside and root.name:
-        return root.parent / f".{root.name}.dino_fast_index.json"
-    key = json.dumps([os.path.realpath(root), list(normalize_extensions(extensions))])
+def index_path(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS) -> Path:
+    """Where the index of ``root`` lives: in the cache folder, named after its real path."""
+    key = json.dumps([os.path.realpath(os.path.abspath(root)), list(normalize_extensions(extensions))])
     return _cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -244,7 +241,7 @@ def _stale(data: dict, real_root: str, extensions: tuple[str, ...]) -> str | Non
 
 def _load_index(root: Path, extensions: tuple[str, ...]) -> FolderListing | None:
     real_root = os.path.realpath(root)
-    for path in (index_path(root, extensions), index_path(root, extensions, beside=False)):
+    for path in (index_path(root, extensions),):
         if not path.is_file():
             continue
         try:
@@ -287,14 +284,14 @@ def _save_index(listing: FolderListing, extensions: tuple[str, ...], scan_start_
     text = json.dumps({"format": _INDEX_FORMAT, "version": _INDEX_VERSION, "root": os.path.realpath(listing.root),
                        "extensions": list(extensions), "dirs": listing.dirs, "classes": listing.classes,
                        "files": listing.files, "skipped": listing.skipped})
-    for path in (index_path(listing.root, extensions), index_path(listing.root, extensions, beside=False)):
-        try:
-            _write_atomic(path, text)
-            return path
-        except OSError:
-            continue  # read-only data: the cache folder next
-    log.info("could not write a file index for %s (no writable place)", listing.root)
-    return None
+    path = index_path(listing.root, extensions)
+    try:
+        _write_atomic(path, text)
+        return path
+    except OSError as e:
+        log.info("could not write a file index for %s in %s (%s): the next start scans again", listing.root,
+                 path.parent, e)
+        return None
 
 
 def list_folder(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS, *, use_index: bool = True,

@@ -20,7 +20,7 @@ from torch import nn
 
 from dino_fast.data.recipe import IMAGENET_MEAN, IMAGENET_STD  # the one definition
 from dino_fast.errors import ConfigError, DataError
-from dino_fast.precision import autocast, compute_dtype
+from dino_fast.precision import autocast, resolve_compute_dtype
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "backbone_features", "extract_features",
            "feature_cache_key", "weights_digest", "match_classes", "resolve_n_last_blocks", "resolve_device"]
@@ -231,23 +231,23 @@ def _save_cache(path: Path, key: str, features: torch.Tensor, labels: torch.Tens
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Iterable, device: torch.device | str,
                      n_last_blocks: int | None = None, avgpool: bool = False,
-                     cache_path: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+                     cache_path: str | os.PathLike | None = None, compute_dtype: torch.dtype | None = None,
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every batch ``(images, labels)`` of ``loader``.
 
     Returns ``(features (N, F) float32, labels (N,) int64)`` on the CPU, in loader
-    order. ``dtype`` is the compute dtype (a training run passes its own): None means
-    ``precision.compute_dtype("auto", device)`` (bf16 autocast on CUDA, fp32 elsewhere);
+    order. ``compute_dtype`` is the compute dtype (a training run passes its own): None means
+    ``precision.resolve_compute_dtype("auto", device)`` (bf16 autocast on CUDA, fp32 elsewhere);
     ``torch.float32`` disables autocast. With ``cache_path`` the
     result is stored there and reused while the model weights, the dataset's file
     list and transform, and these options are unchanged (the loader must then be
     deterministic: no random augmentation, no shuffling)."""
     device = torch.device(device)
-    if dtype is None:
-        dtype = compute_dtype("auto", device)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"extract_features: dtype must be float32, bfloat16 or float16, got {dtype}")
-    options = {"n_last_blocks": n_last_blocks, "avgpool": bool(avgpool), "dtype": str(dtype),
+    if compute_dtype is None:
+        compute_dtype = resolve_compute_dtype("auto", device)
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"extract_features: dtype must be float32, bfloat16 or float16, got {compute_dtype}")
+    options = {"n_last_blocks": n_last_blocks, "avgpool": bool(avgpool), "dtype": str(compute_dtype),
                "device_type": device.type}
     key = None
     if cache_path is not None:
@@ -271,7 +271,7 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device | 
                                 f"{type(batch).__name__}")
             images, target = batch[0], batch[1]
             images = images.to(device, non_blocking=True)
-            with autocast(dtype, device):
+            with autocast(compute_dtype, device):
                 f = backbone_features(model, images, n_last_blocks, avgpool)
             # Host copy per batch: a dataset's features (ImageNet: millions x n*D) would not
             # fit next to the model in GPU memory; evaluation is not the training hot loop.

@@ -98,10 +98,10 @@ def knn_datasets(train_root: str | Path, val_root: str | Path, image_size: int,
 
 def knn_features(backbone: torch.nn.Module, train_set: Any, val_set: Any, batch_size: int, num_workers: int,
                  device: torch.device, cache_dir: str | Path | None = None, progress: bool = False,
-                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+                 compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """``(train_features, test_features, train_labels, test_labels)`` as official ``eval_knn.py``'s
     ``extract_feature_pipeline`` returns them: l2-normalised CLS features (CPU, fp32) and int64
-    labels. ``dtype``: the backbone's compute dtype (None: bf16 on CUDA, fp32 elsewhere)."""
+    labels. ``compute_dtype``: the backbone's compute dtype (None: bf16 on CUDA, fp32 elsewhere)."""
     from dino_fast.eval.features import extract_features
 
     out = {}
@@ -109,7 +109,7 @@ def knn_features(backbone: torch.nn.Module, train_set: Any, val_set: Any, batch_
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                              pin_memory=device.type == "cuda")
         cache = Path(cache_dir) / f"features-{split}.pt" if cache_dir else None
-        out[split] = extract_features(backbone, loader, device, cache_path=cache, progress=progress, dtype=dtype)
+        out[split] = extract_features(backbone, loader, device, cache_path=cache, progress=progress, compute_dtype=compute_dtype)
     (tr_f, tr_l), (va_f, va_l) = out["train"], out["val"]
     return F.normalize(tr_f, dim=1, p=2), F.normalize(va_f, dim=1, p=2), tr_l, va_l
 
@@ -118,12 +118,12 @@ def knn_eval(backbone: torch.nn.Module, train_root: str | Path, val_root: str | 
              ks: Sequence[int] = (20,), T: float = 0.07, batch_size: int = 128, num_workers: int = 2,
              device: torch.device | str | None = None, cache_dir: str | Path | None = None,
              progress: bool = False, allow_class_mismatch: bool = False,
-             dtype: torch.dtype | None = None) -> dict[int, tuple[float, float]]:
+             compute_dtype: torch.dtype | None = None) -> dict[int, tuple[float, float]]:
     """Extract CLS features of ``backbone`` on two labeled ImageFolder trees and run k-NN for each k.
 
     See :func:`knn_datasets` for the transform and the class check (by name; one class or
     differing classes raise :class:`~dino_fast.errors.DataError` unless
-    ``allow_class_mismatch``, which drops val images of classes absent from train). ``dtype``:
+    ``allow_class_mismatch``, which drops val images of classes absent from train). ``compute_dtype``:
     the compute dtype of the forward (a training run passes its own; None: bf16 on CUDA, fp32
     elsewhere). Returns {k: (top1, top5)} in percent."""
     ks = list(ks)
@@ -135,7 +135,7 @@ def knn_eval(backbone: torch.nn.Module, train_root: str | Path, val_root: str | 
     train_set, val_set = knn_datasets(train_root, val_root, image_size, allow_class_mismatch)
     device = torch.device(device) if device else next(backbone.parameters()).device
     tr_f, va_f, tr_l, va_l = knn_features(backbone, train_set, val_set, batch_size, num_workers, device, cache_dir,
-                                          progress, dtype)
+                                          progress, compute_dtype)
     num_classes = len(train_set.classes)  # val labels are train indices (match_classes)
     return {k: knn_classifier(tr_f, tr_l, va_f, va_l, k=k, T=T, num_classes=num_classes) for k in ks}
 
@@ -234,7 +234,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     raise :class:`~dino_fast.errors.DinoFastError` subclasses (one line from the CLI)."""
     from dino_fast.eval.features import resolve_device
     from dino_fast.eval.flags import check_arch, check_single_process
-    from dino_fast.precision import compute_dtype
+    from dino_fast.precision import resolve_compute_dtype
     from dino_fast.runlock import check_output_dir
 
     if not isinstance(args, argparse.Namespace):
@@ -263,7 +263,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         check_arch(model, args.arch, args.patch_size, "knn")
         log.info("k-NN: %d train / %d val images, %d classes", len(train_set), len(val_set), len(train_set.classes))
         tr_f, va_f, tr_l, va_l = knn_features(model, train_set, val_set, args.batch_size_per_gpu, args.num_workers,
-                                              device, args.cache_dir, True, compute_dtype(args.precision, device))
+                                              device, args.cache_dir, True, resolve_compute_dtype(args.precision, device))
         num_classes = len(train_set.classes)
         if args.dump_features:
             _dump_features(args.dump_features, (tr_f, va_f, tr_l, va_l))

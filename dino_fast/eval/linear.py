@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dino_fast.errors import ConfigError, DataError
-from dino_fast.precision import autocast, compute_dtype
+from dino_fast.precision import autocast, resolve_compute_dtype
 from dino_fast.eval.features import (IMAGENET_MEAN, IMAGENET_STD, backbone_features, eval_transform, extract_features,
                                      match_classes, resolve_device, resolve_n_last_blocks)
 from dino_fast.eval.linear_classifier import (LinearClassifier, accuracy, load_linear_classifier,
@@ -196,9 +196,9 @@ def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader
                             lr: float = 1e-3, n_last_blocks: int | None = None, avgpool: bool = False,
                             device: torch.device | str = "cpu", seed: int = 0, num_classes: int | None = None,
                             output_path: str | os.PathLike | None = None, val_freq: int = 1,
-                            progress: bool = False, dtype: torch.dtype | None = None) -> dict[str, Any]:
+                            progress: bool = False, compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """The official way: features of freshly augmented batches each epoch (frozen
-    ``model`` in ``dtype``: None means bf16 autocast on CUDA, fp32 elsewhere), the same
+    ``model`` in ``compute_dtype``: None means bf16 autocast on CUDA, fp32 elsewhere), the same
     classifier and schedule as :func:`run_linear_probe`. The lr is scaled by
     ``train_loader.batch_size``. ``n_last_blocks=None`` means min(4, depth); a value above the
     depth raises :class:`~dino_fast.errors.ConfigError`; a convnet gives its pooled features
@@ -219,11 +219,11 @@ def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader
     vit = hasattr(model, "blocks")
     n_last_blocks, avgpool = (resolve_n_last_blocks(model, n_last_blocks), avgpool) if vit else (None, False)
     model.eval().requires_grad_(False)
-    dtype = compute_dtype("auto", device) if dtype is None else dtype
+    compute_dtype = resolve_compute_dtype("auto", device) if compute_dtype is None else compute_dtype
 
     @torch.no_grad()
     def feats(images: torch.Tensor) -> torch.Tensor:
-        with autocast(dtype, device):
+        with autocast(compute_dtype, device):
             return backbone_features(model, images.to(device, non_blocking=True), n_last_blocks, avgpool).float()
 
     def batches(loader: Iterable):
@@ -316,7 +316,7 @@ def _features_of(model: nn.Module, args: argparse.Namespace) -> tuple[int | None
 
 
 def _evaluate_only(args: argparse.Namespace, model: nn.Module, val_set: Any, loader_kw: dict[str, Any],
-                   device: torch.device, dtype: torch.dtype) -> int:
+                   device: torch.device, compute_dtype: torch.dtype) -> int:
     """``--evaluate``: the classifier of ``--linear_weights`` on the val set (official: the released one)."""
     from torch.utils.data import DataLoader
 
@@ -324,7 +324,7 @@ def _evaluate_only(args: argparse.Namespace, model: nn.Module, val_set: Any, loa
     classifier = load_linear_classifier(path).to(device)
     n_last_blocks, avgpool = _features_of(model, args)
     feats, labels = extract_features(model, DataLoader(val_set, shuffle=False, **loader_kw), device,
-                                     n_last_blocks=n_last_blocks, avgpool=avgpool, dtype=dtype)
+                                     n_last_blocks=n_last_blocks, avgpool=avgpool, compute_dtype=compute_dtype)
     if feats.shape[1] != classifier.linear.in_features:
         raise ConfigError(f"linear --evaluate: {path} takes {classifier.linear.in_features} features, the backbone "
                           f"gives {feats.shape[1]} (--n_last_blocks {n_last_blocks}, --avgpool_patchtokens {avgpool})")
@@ -356,7 +356,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     check_single_process(args, "linear")
     _check_args(args)
     device = resolve_device(args.device)
-    dtype = compute_dtype(args.precision, device)
+    compute_dtype = resolve_compute_dtype(args.precision, device)
     val_tf = eval_transform(args.resize, args.crop)
     loader_kw = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
                      pin_memory=device.type == "cuda")
@@ -364,7 +364,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         val_set = ImageFolderDataset(os.path.join(args.data_path, "val"), transform=val_tf)
         model = load_pretrained(args.pretrained_weights, key=args.checkpoint_key).to(device)
         check_arch(model, args.arch, args.patch_size, "linear")
-        return _evaluate_only(args, model, val_set, loader_kw, device, dtype)
+        return _evaluate_only(args, model, val_set, loader_kw, device, compute_dtype)
     out = check_output_dir(args.output_dir)
     train_tf = val_tf if args.mode == "cached" else transforms.Compose([  # official eval_linear.py augmentation
         transforms.RandomResizedCrop(args.crop),
@@ -388,7 +388,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
                   output_path=out / "linear.pth", val_freq=args.val_freq, progress=True)
     if args.mode == "cached":
         cache = (lambda split: None) if args.no_cache else (lambda split: out / f"features_{split}.pt")
-        kw = dict(device=device, n_last_blocks=n_last_blocks, avgpool=avgpool, dtype=dtype)
+        kw = dict(device=device, n_last_blocks=n_last_blocks, avgpool=avgpool, compute_dtype=compute_dtype)
         tr = extract_features(model, DataLoader(train_set, shuffle=False, **loader_kw), cache_path=cache("train"), **kw)
         va = extract_features(model, DataLoader(val_set, shuffle=False, **loader_kw), cache_path=cache("val"), **kw)
         result = run_linear_probe(*tr, *va, batch_size=args.batch_size_per_gpu, **common)
@@ -397,7 +397,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         result = run_linear_probe_online(
             model, DataLoader(train_set, shuffle=True, drop_last=False, **loader_kw),
             DataLoader(val_set, shuffle=False, **loader_kw), n_last_blocks=n_last_blocks, avgpool=avgpool,
-            dtype=dtype, **common)
+            compute_dtype=compute_dtype, **common)
     print(f"linear probe: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"best top-1 {result['best_top1']:.2f}% (epoch {result['best_epoch']})  -> {result['checkpoint']}")
     return 0

@@ -45,7 +45,7 @@ class PeriodicKnn:
         cfg = self.cfg
         size = cfg.eval_size or cfg.global_crops_size
         res = knn_eval(backbone, cfg.data_path, cfg.val_path, size, ks=(cfg.knn_k,), num_workers=cfg.num_workers,
-                       device=self.device, dtype=self.compute_dtype)
+                       device=self.device, compute_dtype=self.compute_dtype)
         top1, top5 = res[cfg.knn_k]
         self.last_s = train_s
         log.info("step %d: k-NN (k=%d) top-1 %.2f top-5 %.2f", step, cfg.knn_k, top1, top5)

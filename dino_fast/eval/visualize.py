@@ -134,7 +134,7 @@ def _blend(base: np.ndarray, top: np.ndarray, alpha: np.ndarray | float) -> np.n
 def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir: str | os.PathLike,
                         image_size: int | Sequence[int] = (480, 480), patch_size: int | None = None,
                         threshold: float | None = 0.6, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> list[Path]:
+                        compute_dtype: torch.dtype | None = None) -> list[Path]:
     """Write the last block's CLS attention maps of one image as PNGs in ``out_dir``.
 
     Files: ``img.png`` (the resized, patch-aligned input), ``attn-head{j}.png`` per
@@ -143,7 +143,7 @@ def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir
     holding ``threshold`` of head j's attention mass, tinted over the image). All
     have the size of ``img.png``. Returns the written paths in that order. A missing or
     undecodable image raises :class:`DataError`, bad sizes / threshold / ``out_dir``
-    :class:`ConfigError`, all before anything is written. ``dtype``: the compute dtype of the
+    :class:`ConfigError`, all before anything is written. ``compute_dtype``: the compute dtype of the
     forward (None: bf16 on CUDA, fp32 elsewhere)."""
     if patch_size is None:
         ps = getattr(getattr(model, "patch_embed", None), "patch_size", None)
@@ -167,10 +167,10 @@ def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir
     hf, wf = h_img // patch_size, w_img // patch_size  # feature-map rows, columns
     was_training = model.training
     model.eval()
-    from dino_fast.precision import autocast, compute_dtype
+    from dino_fast.precision import autocast, resolve_compute_dtype
 
     try:
-        with autocast(compute_dtype("auto", device) if dtype is None else dtype, device):
+        with autocast(resolve_compute_dtype("auto", device) if compute_dtype is None else compute_dtype, device):
             attn = cls_attention(model, x.to(device))[0]  # (heads, N)
     finally:
         model.train(was_training)
@@ -236,7 +236,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     mistakes raise :class:`~dino_fast.errors.DinoFastError` subclasses (one line from the CLI)."""
     from dino_fast.eval.features import resolve_device
     from dino_fast.eval.flags import check_arch
-    from dino_fast.precision import compute_dtype
+    from dino_fast.precision import resolve_compute_dtype
     from dino_fast.pretrained import load_pretrained
     from dino_fast.runlock import check_output_dir
 
@@ -258,7 +258,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     check_arch(model, args.arch, args.patch_size, "visualize")
     paths = visualize_attention(model, args.image_path, args.output_dir, image_size=size[0] if len(size) == 1
                                 else tuple(size), threshold=args.threshold,
-                                dtype=compute_dtype(args.precision, device))
+                                compute_dtype=resolve_compute_dtype(args.precision, device))
     print(f"wrote {len(paths)} images to {args.output_dir}")
     return 0
 

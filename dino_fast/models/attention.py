@@ -59,7 +59,7 @@ def _check_backend(backend: str) -> str:
 
 # --- can a kernel run here? ------------------------------------------------------------------
 # Each probe runs once per device, returns '' (usable) or one line saying why not, and is a
-# constant to torch.compile (the blocks are compiled; a probe must not be traced).
+# constant to torch.compile (the forward is compiled; a probe must not be traced).
 _PROBES: dict[tuple[str, int], str] = {}
 
 
@@ -100,7 +100,7 @@ def xformers_build_problem() -> str:
     if spec is None:
         return "not installed"
     try:
-        import xformers
+        xformers = _vl.import_xformers()  # its own 6-line load warning folded into this line
     except Exception as e:
         return f"import failed: {(str(e).splitlines() or [type(e).__name__])[0]}"
     if getattr(xformers, "_has_cpp_library", True):

@@ -7,7 +7,8 @@ ResNet-50. :func:`build_resnet` returns that model with ``fc`` already an Identi
 ``embed_dim`` attribute, so ``MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, ...))``
 works as with a ViT. State-dict keys are torchvision's (``conv1.weight``, ``bn1.*``,
 ``layer1.0.conv1.weight``, ...), i.e. the released ``dino_resnet50_pretrain.pth`` layout.
-``models.build.build_backbone`` builds any ``--arch`` (a ViT or one of these).
+``models.build.build_backbone`` builds any ``--arch``; ``torchvision_archs`` every torchvision
+classification model (this module adds what reading ResNet weights needs: the depth from the keys).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from .torchvision_archs import build_torchvision
 
 __all__ = ["RESNET_ARCHS", "is_resnet_arch", "build_resnet", "infer_resnet_arch", "is_resnet_state_dict"]
 
@@ -37,22 +40,14 @@ def is_resnet_arch(arch: str) -> bool:
     return arch in RESNET_ARCHS
 
 
-def build_resnet(arch: str = "resnet50", **kw: Any) -> nn.Module:
+def build_resnet(arch: str = "resnet50", small_image_stem: bool = False, **kw: Any) -> nn.Module:
     """torchvision ``arch`` with random init (never downloads), ``fc = nn.Identity()`` and
     ``embed_dim`` (2048 for resnet50): forward (B, 3, H, W) -> (B, embed_dim), any H, W >= 1
-    (global average pool). ``kw`` goes to the torchvision builder (e.g. ``zero_init_residual``)."""
-    import torchvision
-
+    (global average pool). ``small_image_stem``: 3x3 stride-1 conv1, no max-pool
+    (``torchvision_archs``). ``kw`` goes to the torchvision builder (e.g. ``zero_init_residual``)."""
     if arch not in RESNET_ARCHS:
         raise ValueError(f"unknown ResNet {arch!r}; choose one of {', '.join(RESNET_ARCHS)}")
-    if kw.get("weights") is not None:
-        raise ValueError("build_resnet never downloads weights: build it, then load a local file "
-                         "(dino_fast.load_pretrained or hubconf weights=<path>)")
-    kw.pop("weights", None)
-    model = getattr(torchvision.models, arch)(weights=None, **kw)
-    model.embed_dim = model.fc.in_features
-    model.fc = nn.Identity()  # official MultiCropWrapper / eval scripts
-    return model
+    return build_torchvision(arch, small_image_stem=small_image_stem, **kw)
 
 
 def is_resnet_state_dict(sd: Mapping[str, Any]) -> bool:

@@ -19,12 +19,14 @@ packing, the offsets and the block mask on CPU.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
+import logging
 from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["PackedSeqlens", "flex_attention_reference", "get_flex_attention", "get_varlen_attn",
+__all__ = ["PackedSeqlens", "flex_attention_reference", "get_flex_attention", "get_varlen_attn", "import_xformers",
            "varlen_attention", "varlen_attn_reference"]
 
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile; the block mask is built for it
@@ -41,13 +43,37 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _xops() -> Any:
-    """xformers.ops, imported on first use (importing it is slow and warns on CPU-only installs)."""
+class _XformersLoadWarning(logging.Filter):
+    """Drops the warning xformers logs at import when its C++/CUDA extension does not load (6 lines
+    "WARNING[XFORMERS]: xFormers can't load C++/CUDA extensions...", logger "xformers", from
+    ``xformers/_cpp_lib.py``): the start-up ``attention:`` line says it in one
+    (``attention.xformers_build_problem``: the torch and python it was built for, ours). Any other
+    xformers record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.module == "_cpp_lib" and record.levelno == logging.WARNING
+                    and record.getMessage().startswith("WARNING[XFORMERS]: "))
+
+
+def import_xformers(module: str = "xformers") -> Any:
+    """``importlib.import_module(module)`` (xformers or one of its modules) without xformers'
+    import-time extension warning (:class:`_XformersLoadWarning`); import errors propagate."""
+    logger = logging.getLogger("xformers")
+    quiet = _XformersLoadWarning()
+    logger.addFilter(quiet)
     try:
-        import xformers.ops as xops
+        return importlib.import_module(module)
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _xops() -> Any:
+    """xformers.ops, imported on first use (importing it is slow; its load warning is folded into
+    the start-up line: :func:`import_xformers`)."""
+    try:
+        return import_xformers("xformers.ops")
     except Exception as e:  # ImportError, or a broken build raising something else
         raise ImportError(f"the 'xformers' attention backend needs xformers: {e}") from e
-    return xops
 
 
 class PackedSeqlens:

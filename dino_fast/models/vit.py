@@ -255,8 +255,9 @@ class DinoViT(VisionTransformer):
 
     def _prepare_packed(self, seqs: PackedSeqlens, x: torch.Tensor) -> None:
         """Build the kernel inputs of ``seqs`` (cu_seqlens, flex block mask, xformers bias) for
-        the backends the blocks will run, here, once, outside any compiled block: every block
-        then reads the cached tensors instead of tracing their construction."""
+        the backends the blocks will run, here, once per forward (inside the compiled region when
+        the whole forward is compiled, outside it when blocks are compiled one by one): every
+        block then reads the cached tensors."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         for backend in {blk.attn.resolve_backend(x.device, dtype, packed=True) for blk in self.blocks}:
             if backend == "varlen":

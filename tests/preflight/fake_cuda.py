@@ -101,18 +101,19 @@ class StepRecorder(TorchDispatchMode):
         for t in outs:
             self.dtypes[name][t.dtype] += 1
         if name in MATMULS and outs:
-            self.matmul_flops[outs[0].dtype] += _flops(name, ins, outs[0])
+            self.matmul_flops[outs[0].dtype] += _flops(name, args, ins, outs[0])
         return out
 
 
-def _flops(name: str, ins: list[torch.Tensor], out: torch.Tensor) -> int:
-    """2 x multiply-adds of a matmul-like op (attention: QK^T and PV over the packed row, an upper bound)."""
+def _flops(name: str, args: tuple, ins: list[torch.Tensor], out: torch.Tensor) -> int:
+    """2 x multiply-adds of a matmul-like op; attention: QK^T and PV, each query against max_k keys
+    (varlen: the longest sequence, an upper bound) or the whole sequence (sdpa)."""
     if name in ("mm", "addmm", "bmm", "baddbmm"):
         return 2 * out.numel() * ins[-1].shape[-2]
     if name == "convolution":
         return 2 * out.numel() * ins[1][0].numel()
-    q = ins[0]  # (T, H, Dh) or (B, H, N, Dh)
-    return 4 * q.numel() * q.shape[-3 if q.dim() == 3 else -2]
+    q = ins[0]  # varlen (T, H, Dh), args (q, k, v, cu_q, cu_k, max_q, max_k, ...); sdpa (B, H, N, Dh)
+    return 4 * q.numel() * (args[6] if name == "_varlen_attn" else q.shape[-2])
 
 
 def to_fake_cuda_(module: nn.Module, memo: dict[int, nn.Parameter] | None = None) -> nn.Module:

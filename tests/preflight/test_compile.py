@@ -113,7 +113,7 @@ def test_training_steps_and_a_resized_plan_reuse_the_graphs(demo_root, tmp_path,
     batches = iter(trainer.data.epoch(0))
     for step in range(4):
         if step == 2:
-            trainer.set_plan(trainer.plan.sized(3 * trainer.plan.total_steps))
+            trainer.set_plan(trainer.plan.resized(trainer.step, 3 * trainer.plan.total_steps))  # TimeBudget's
         loss = trainer.train_step(next(batches))
         if step == 0:
             graphs = dict(dynamo["stats"])

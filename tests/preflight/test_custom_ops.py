@@ -20,7 +20,7 @@ from tests.helpers import assert_close
 
 pytestmark = pytest.mark.skipif(not ops.triton_usable("cpu"), reason="needs Triton's interpreter on CPU")
 CASES = ("dino_loss", "dino_loss probabilities", "dino_loss no grad", "dino_head_loss", "dino_head_loss no grad",
-         "scale_", "ema_", "ema_ tensor momentum")
+         "scale_", "ema_", "ema_ tensor momentum", "ema_ copies")
 
 B, V, K, D = 2, 4, 300, 16
 ALL = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -56,9 +56,11 @@ def _cases():
         "dino_head_loss no grad": (head, (f.detach(), w.detach(), t, c, 0.1, 0.04, V, 2, 2, torch.float32, False,
                                           False, None, None), ALL),
         "scale_": (torch.ops.dino_fast.scale_.default, (torch.randn(1000), torch.tensor(2.0)), ALL),
-        "ema_": (torch.ops.dino_fast.ema_.default, (teacher, student, None, 0.9, 16384, 1024), ALL),
-        "ema_ tensor momentum": (torch.ops.dino_fast.ema_.default, (*_ema_lists(torch.float32), torch.tensor([0.7]),
-                                                                    0.0, 128, 32), ALL),
+        "ema_": (torch.ops.dino_fast.ema_.default, (teacher, student, [], None, 0.9, 16384, 1024), ALL),
+        "ema_ tensor momentum": (torch.ops.dino_fast.ema_.default, (*_ema_lists(torch.float32), [],
+                                                                    torch.tensor([0.7]), 0.0, 128, 32), ALL),
+        "ema_ copies": (torch.ops.dino_fast.ema_.default, (teacher, student, [torch.empty(7, dtype=torch.bfloat16)],
+                                                           None, 0.9, 128, 32), ALL),
     }
 
 
@@ -113,3 +115,28 @@ def test_compiled_ema_no_graph_break(momentum):
     assert not counters["graph_break"], dict(counters["graph_break"])
     for got, want in zip(teacher.parameters(), expected):
         assert_close(got, want, torch.float32, name="teacher")
+
+
+def test_varlen_attention_wrapper_no_graph_break():
+    """models/varlen.py's ``varlen_attention`` around torch's varlen_attn (torch >= 2.10, itself the
+    custom op ``torch_attn::_varlen_attn``): one graph, no break. The kernel is CUDA-only, so the
+    backend only records the graph and returns empty outputs of its shapes."""
+    varlen = pytest.importorskip("torch.nn.attention.varlen", reason="varlen_attn needs torch >= 2.10")
+    from dino_fast.models import varlen as vl
+
+    vl._load_varlen()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        outs = [o.meta["example_value"] for o in next(n for n in gm.graph.nodes if n.op == "output").args[0]]
+        return lambda *args: [torch.empty(o.shape, dtype=o.dtype) for o in outs]
+
+    counters.clear()
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(234, 6, 64, dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 197, 234], dtype=torch.int32)
+    out = torch.compile(lambda *a: vl.varlen_attention(varlen.varlen_attn, *a, cu, 197, 0.125), fullgraph=True,
+                        backend=record)(q, k, v)
+    assert not counters["graph_break"] and len(graphs) == 1 and out.shape == q.shape
+    assert any("_varlen_attn" in str(n.target) for n in graphs[0].graph.nodes)

@@ -7,8 +7,8 @@ only builds small index tensors from Python lists, never reads the GPU), no op r
 host (a sync), the matmuls run in bf16 while master weights, gradients and the optimizer state stay
 fp32, and the custom ops (fused loss, backward scale, EMA) and torch's varlen kernel are what runs.
 
-The trainer is built the way ``Trainer.__init__`` builds its parts, minus the loader, output folder,
-process group and checkpointer, which a fake device cannot (or need not) have: see ``_trainer``.
+The trainer is ``Trainer.for_step``: the step's own parts, without the loader, output folder,
+process group and checkpointer, which a fake device cannot (or need not) have.
 """
 from __future__ import annotations
 
@@ -16,13 +16,7 @@ import pytest
 import torch
 
 from dino_fast.config import TrainConfig
-from dino_fast.ema import TeacherEMA
 from dino_fast.models import build_models
-from dino_fast.objective import Objective
-from dino_fast.optim import build_optimizer
-from dino_fast.plan import RunPlan
-from dino_fast.precision import compute_dtype
-from dino_fast.state import TrainState
 from dino_fast.train import Trainer
 from tests.preflight.fake_cuda import StepRecorder, fake_cuda, to_fake_cuda_
 
@@ -31,8 +25,7 @@ pytest.importorskip("torch.nn.attention.varlen", reason="varlen attention needs 
 BATCH = 64
 # Host work the packed forward may do per step: cu_seqlens from the crops' lengths (a Python list),
 # copied to the device without a sync. Anything else on the CPU is a finding.
-HOST_PREP = {"zeros", "lift_fresh", "cumsum", "slice", "copy_", "_to_copy", "arange", "full", "empty", "fill_",
-             "select", "view", "alias", "detach", "clone"}
+HOST_PREP = {"zeros", "lift_fresh", "cumsum", "slice", "copy_"}
 
 
 def _config(loss_impl: str) -> TrainConfig:
@@ -49,23 +42,9 @@ def _models(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def _trainer(cfg: TrainConfig, student: torch.nn.Module, teacher: torch.nn.Module) -> Trainer:
-    """A Trainer with the parts ``Trainer.__init__`` builds (same functions, same order), on fake CUDA.
-
-    Seam wanted in train.py (the lead's): a way to build these parts without data, output folder or
-    process group, so this helper does not mirror ``__init__`` by hand."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.device = cfg, torch.device("cuda", 0)
-    trainer.compute_dtype = compute_dtype(cfg.precision, trainer.device)
-    trainer.plan = RunPlan.from_config(cfg, 100, 1)
-    trainer.student, trainer.teacher, trainer.sharded = to_fake_cuda_(student), to_fake_cuda_(teacher), False
-    trainer.ema = TeacherEMA(trainer.student, trainer.teacher, impl=cfg.ema_impl)
-    trainer.optimizer = build_optimizer(trainer.student, cfg.optimizer)
-    trainer.objective = Objective(cfg, trainer.device)
-    trainer.scaler = None
-    trainer.state = TrainState(cfg.to_dict(), trainer.plan, cfg.seed)
-    for name, dtype in (("_nonfinite", torch.bool), ("_loss_sum", torch.float32), ("_epoch_loss", torch.float32)):
-        setattr(trainer, name, torch.zeros((), dtype=dtype, device=trainer.device))
-    return trainer
+    """The Trainer's own step parts (``Trainer.for_step``: no data, output folder or process group,
+    which a fake device cannot have) around the models moved to fake CUDA."""
+    return Trainer.for_step(cfg, torch.device("cuda", 0), to_fake_cuda_(student), to_fake_cuda_(teacher))
 
 
 @pytest.mark.parametrize("loss_impl,loss_op", [("auto", "dino_loss"), ("fused_head", "dino_head_loss")])
