@@ -12,12 +12,12 @@ launches x an ASSUMED host time per launch. ``NOTES`` below says what each colum
 
     python3 -m bench.preflight                              # this checkout, paths torch and fast
     python3 -m bench.preflight --repo ../baseline --paths torch  # another checkout (no custom ops)
-    python3 -m bench.preflight --depth 2 --compile-steps 3  # quicker
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
 import sys
 import types
 from collections import defaultdict
@@ -67,8 +67,7 @@ def make_config(preset: str | None = "vit_small_h200", **overrides: Any) -> Any:
 
 def fake_views(trainer: Any, batch: int | None = None) -> list[torch.Tensor]:
     """The step's views on the fake device, in the run's compute dtype (as DALI delivers them)."""
-    cfg = trainer.cfg
-    dtype = getattr(trainer, "compute_dtype", None) or trainer.dtype  # the attribute's older name
+    cfg, dtype = trainer.cfg, getattr(trainer, "compute_dtype", None) or trainer.dtype  # (older name)
     sizes = [cfg.global_crops_size] * 2 + [cfg.local_crops_size] * cfg.local_crops_number
     return [torch.empty(batch or cfg.batch_size_per_gpu, 3, s, s, device="cuda", dtype=dtype) for s in sizes]
 
@@ -385,12 +384,12 @@ def model_row(cfg: Any, counter: OpCounter, recorder: StepRecorder) -> dict[str,
 
 
 def checkout_sha(root: Path) -> str:
-    """Short sha of the measured checkout, "+dirty" when its tracked files differ from it."""
-    import subprocess
-
+    """Short sha of the measured checkout, "+dirty" when its code (dino_fast/, kernels/) differs from it."""
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" * bool(git("status", "--porcelain", "-uno")))
+
+    dirty = git("status", "--porcelain", "--", "dino_fast", "kernels")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if dirty else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -202,6 +202,10 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each model's forward as one graph (student over all crops, teacher over the globals,
     heads included; drop path does not recompile)."""
+    cuda_graphs: bool = False
+    """Capture the whole step (forward, backward, clip, AdamW, EMA, center) as one CUDA graph and replay it
+    (static shapes; schedules read from device buffers). On CPU the same step runs without capture. Not with
+    fp16, iBOT, FSDP, activation checkpointing or another optimizer than adamw."""
     fsdp: bool = False
     """Shard student and teacher with FSDP2 even on one process (always on under torchrun with > 1 rank)."""
     activation_checkpointing: bool = False
@@ -281,6 +285,12 @@ class TrainConfig:
         if self.small_image_stem and not has_resnet_stem(self.arch):
             raise ConfigError(f"config small_image_stem=true replaces a torchvision ResNet's stem (resnet*, resnext*, "
                               f"wide_resnet*); {self.arch} has none: drop --small_image_stem")
+        if self.cuda_graphs:
+            from dino_fast.cuda_graphs import graph_refusal
+
+            why = graph_refusal(self)
+            if why:
+                raise ConfigError(f"config cuda_graphs=true {why}")
         if self.ibot_weight > 0:
             lo, hi = self.ibot_mask_ratio_min_max
             if family != "vit":

@@ -40,7 +40,11 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     and the pairing of student/teacher parameters ignore the wrapper's name segment."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 
-    for blocks in _block_lists(model):
+    lists = _block_lists(model)
+    if not lists:
+        log.warning("activation_checkpointing: %s has no block lists to checkpoint (blocks, layer1..4): nothing is "
+                    "recomputed", type(getattr(model, "backbone", model)).__name__)
+    for blocks in lists:
         for i, block in enumerate(blocks):
             if not isinstance(block, CheckpointWrapper):
                 blocks[i] = checkpoint_wrapper(block)
@@ -81,7 +85,7 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None = None, reduce_
     fully_shard(model.backbone, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # DinoViT.forward returns the CLS rows as a view; FSDP warns in case the caller edits it in
     # place (that would skip its backward hook). MultiCropWrapper only concatenates it.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(DinoViT|MultiCropWrapper)\) returned a view")
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(DinoViT|Xcit|MultiCropWrapper)\) returned a view")
     if hasattr(model.backbone, "forward_packed"):
         register_fsdp_forward_method(model.backbone, "forward_packed")  # called directly, not via __call__
     # The head runs last in forward and first in backward: a trainable one stays gathered in between.
@@ -157,15 +161,14 @@ def all_reduce_max(value: float, device: torch.device) -> float:
 
 
 def _block_lists(model: nn.Module) -> list[nn.Module]:
-    """The containers of the backbone's repeated blocks: a ViT's ``blocks``, a ResNet's four stages."""
+    """The containers of the backbone's repeated blocks: a ViT's or XCiT's ``blocks``, a ResNet's four
+    stages; none for another torchvision model, whose backbone is then sharded (and checkpointed) as
+    one unit."""
     backbone = getattr(model, "backbone", None)
     lists = [getattr(backbone, "blocks", None)]
     if lists[0] is None:
         lists = [getattr(backbone, f"layer{i}", None) for i in range(1, 5)]
-    if not all(isinstance(b, (nn.ModuleList, nn.Sequential)) for b in lists):
-        raise TypeError(f"expected model.backbone.blocks (a ViT) or layer1..layer4 (a ResNet), got "
-                        f"{type(backbone).__name__}")
-    return lists
+    return lists if all(isinstance(b, (nn.ModuleList, nn.Sequential)) for b in lists) else []
 
 
 def _default_mesh(device: torch.device) -> Any:

@@ -45,8 +45,8 @@ from torch import nn
 
 from dino_fast.errors import PretrainedError
 from dino_fast.models import (ARCHS, XCIT_ARCHS, build_backbone, build_resnet, build_xcit, canonical_arch,
-                              infer_resnet_arch, infer_xcit_arch, is_resnet_arch, is_resnet_state_dict, is_xcit_state_dict,
-                              xcit_timm_keys)
+                              infer_resnet_arch, infer_xcit_arch, is_resnet_arch, is_resnet_state_dict,
+                              is_xcit_state_dict, xcit_timm_keys)
 from dino_fast.safe_load import torch_load_safe
 
 __all__ = ["PretrainedError", "load_pretrained", "load_backbone_weights_", "load_checkpoint_file", "infer_vit_config",

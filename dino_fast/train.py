@@ -28,17 +28,18 @@ from torch import nn
 
 from dino_fast.checkpoint import Checkpointer
 from dino_fast.config import TrainConfig, write_config
+from dino_fast.cuda_graphs import graphed_step
 from dino_fast.data.build import build_train_data
 from dino_fast.distributed import get_rank, get_world_size, init_distributed, is_distributed, is_main_process
 from dino_fast.ema import TeacherEMA
 from dino_fast.eval.periodic import PeriodicKnn
 from dino_fast.errors import DataError, DinoFastError, NonFiniteLossError, RunLockError, UnreadableCheckpointError
 from dino_fast.metrics import MetricsWriter, progress_bar
-from dino_fast.models import build_models, describe_attention
+from dino_fast.models import arch_family, build_models, describe_attention
 from dino_fast.objective import Objective
 from dino_fast.optim import build_optimizer, cancel_last_layer_gradients_, clip_gradients_, set_schedule_
 from dino_fast.parallel import all_reduce_max, check_config_agrees, init_single_process_group, parallelize
-from dino_fast.plan import RunPlan, TimeBudget
+from dino_fast.plan import RunPlan, StepValues, TimeBudget
 from dino_fast.precision import autocast, resolve_compute_dtype, configure_determinism
 from dino_fast.resume import data_changes, mismatch_hint, plan_changes
 from dino_fast.runlock import RunLock, check_output_dir
@@ -86,8 +87,9 @@ class Trainer:
         their centers), loss scaler, train state and the on-device loss accumulators."""
         cfg = self.cfg
         self.student, self.teacher, self.sharded = student, teacher, sharded
-        self.ema = TeacherEMA(self.student, self.teacher, impl=cfg.ema_impl)
+        self.ema = TeacherEMA(self.student, self.teacher, impl=cfg.ema_impl, compute_dtype=self.compute_dtype)
         self.optimizer = build_optimizer(self.student, cfg.optimizer)
+        self.graphed = graphed_step(cfg, self._step, self.optimizer, self.device, sharded)  # None: eager steps
         self.objective = Objective(cfg, self.device, self.rank)
         # fp16 needs loss scaling (bf16 has fp32's range and does not)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None
@@ -135,9 +137,11 @@ class Trainer:
     def describe(self) -> list[str]:
         """What runs and why, for the start-up log."""
         backend, head_dim = self.student.attn_backend, self.student.attn_head_dim
-        attention = ("none (a convnet)" if backend is None else f"{backend} (requested)" if backend != "auto"
+        attention = (f"the backbone's own ({type(self.student.backbone).__name__}: attn_backend is for the ViTs)"
+                     if backend is None else f"{backend} (requested)" if backend != "auto"
                      else describe_attention(self.device, self.compute_dtype, head_dim))
-        return [f"model: {self.cfg.arch}/{self.cfg.patch_size}, compute dtype "
+        arch = f"{self.cfg.arch}/{self.cfg.patch_size}" if arch_family(self.cfg.arch) == "vit" else self.cfg.arch
+        return [f"model: {arch}, compute dtype "
                 f"{str(self.compute_dtype).replace('torch.', '')}{', FSDP2' if self.sharded else ''}, "
                 f"{self.plan.stop_step} steps ({self.plan.run_epochs} epochs x {self.plan.niter_per_epoch})",
                 f"attention: {attention}",
@@ -148,15 +152,26 @@ class Trainer:
     def train_step(self, *micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """One optimizer step over one or more micro-batches (lists of 2 + N view batches);
         returns the mean loss (a device tensor)."""
-        cfg, n = self.cfg, len(micro_batches)
         v = self.plan.at(self.step)
-        set_schedule_(self.optimizer, v.lr, v.wd)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.graphed is not None:  # cuda_graphs: _step from static buffers, captured and replayed (cuda_graphs.py)
+            loss = self.graphed(micro_batches, v)
+        else:
+            set_schedule_(self.optimizer, v.lr, v.wd)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._step(micro_batches, v, v.momentum)
+        self.state.step += 1
+        return loss
+
+    def _step(self, micro_batches: Any, v: StepValues, momentum: float | torch.Tensor) -> torch.Tensor:
+        """The step's device work, lr and weight decay already in the optimizer: forward, backward,
+        clip, optimizer, EMA, center and the loss accumulators (what a CUDA graph captures)."""
+        cfg, n = self.cfg, len(micro_batches)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, views in enumerate(micro_batches):
             with self.autocast():
                 # accumulation: the centers move once per optimizer step, from every micro-batch
-                loss = self.objective(self.student, self.teacher, views, v, self.step, i, update_center=n == 1)
+                loss = self.objective(self.student, self.ema.forward_teacher, views, v, self.step, i,
+                                      update_center=n == 1)
             scaled = loss / n if n > 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.detach()
@@ -171,12 +186,11 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.ema.step(v.momentum)
+        self.ema.step(momentum)
         loss = total / n
         self._nonfinite |= ~torch.isfinite(loss)
         self._loss_sum += loss
         self._epoch_loss += loss
-        self.state.step += 1
         return loss
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -165,6 +165,64 @@ def test_foreach_triton_loop_agree(device, kind, s_dtype):
         _check_update(t, teacher, student, 0.996, impl)
 
 
+def _poisoned_copies(teacher, n: int, c_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Copies of the first n teacher tensors, filled with NaN: an element the update leaves unwritten fails."""
+    return [torch.full_like(t, float("nan"), dtype=c_dtype) for t in teacher[:n]]
+
+
+def _check_copies(copies, teacher, n_teacher: int, name: str) -> None:
+    """Every copy is its teacher's new value rounded to nearest even (Tensor.to), bit for bit."""
+    assert len(copies) <= n_teacher
+    for i, (c, t) in enumerate(zip(copies, teacher)):
+        expected = t.to(c.dtype)
+        assert not bool(torch.isnan(c).any()), f"{name}: copies[{i}] has unwritten (NaN) elements"
+        assert torch.equal(c, expected), (f"{name}: copies[{i}] differs from teacher[{i}].to({c.dtype}) at "
+                                          f"{int((c != expected).sum())} elements")
+
+
+@pytest.mark.parametrize("c_dtype", HALF)
+@pytest.mark.parametrize("kind", ["float", "tensor"])
+@pytest.mark.parametrize("impl", ["triton", "foreach"])
+def test_copies_are_the_new_teacher_rounded(device, c_dtype, kind, impl):
+    """The compute-dtype copies of the first k tensors (k < n: the rest have none, as a teacher whose
+    weight-normed layer stays fp32) equal the new fp32 teacher rounded to nearest even, bit for bit:
+    across the block and chunk edges, a bf16 student, kernel rows with and without a copy, and values
+    exactly halfway between two bf16 numbers (where truncation and nearest-even differ)."""
+    if impl == "triton" and not ops.triton_usable(device):
+        pytest.skip("triton unusable here")
+    shapes = [(1000,)] + EDGE_SHAPES
+    teacher, student = _pairs(shapes, torch.bfloat16, device, seed=zlib.crc32(f"{c_dtype}-{kind}-{impl}".encode()))
+    old = [t.clone() for t in teacher]
+    copies = _poisoned_copies(teacher, len(shapes) - 3, c_dtype)
+    m = 1.0 if kind == "float" else torch.tensor(0.75, device=device)
+    if kind == "float":  # m = 1 keeps the teacher: put the ties there, 1 + (2j + 1) 2^-9 (bf16 step 2^-7 at 1)
+        teacher[0].copy_(torch.arange(1000, device=device, dtype=torch.float32).mul_(2 ** -8).add_(2 ** -9).add_(1))
+        old[0] = teacher[0].clone()
+    if impl == "triton":
+        multi_tensor_ema_(teacher, student, m, copies=copies, cache={}, chunk=128, block=32)
+    else:
+        update_teacher_(teacher, student, m, impl="foreach", copies=copies)
+    _check_update(teacher, old, student, float(m), f"{impl} teacher")
+    _check_copies(copies, teacher, len(shapes), impl)
+
+
+def test_copies_errors(device):
+    t = [torch.zeros(4, device=device), torch.zeros(6, device=device)]
+    s = [torch.ones(4, device=device), torch.ones(6, device=device)]
+    bf = torch.bfloat16
+    with pytest.raises(ValueError, match="3 copies for 2 teacher tensors"):
+        multi_tensor_ema_(t, s, 0.5, copies=[torch.empty(4, dtype=bf, device=device)] * 3, cache={})
+    with pytest.raises(TypeError, match=r"copies\[0\] is torch.float32"):
+        multi_tensor_ema_(t, s, 0.5, copies=[torch.empty(4, device=device)], cache={})
+    with pytest.raises(TypeError, match=r"copies\[1\] is torch.float16"):
+        multi_tensor_ema_(t, s, 0.5, copies=[torch.empty(4, dtype=bf, device=device),
+                                             torch.empty(6, dtype=torch.float16, device=device)], cache={})
+    with pytest.raises(ValueError, match=r"copies\[1\] \(2, 3\).*teacher\[1\]'s shape \(6,\)"):
+        multi_tensor_ema_(t, s, 0.5, copies=[torch.empty(4, dtype=bf, device=device),
+                                             torch.empty(2, 3, dtype=bf, device=device)], cache={})
+    assert torch.equal(t[0], torch.zeros(4, device=device)), "a rejected call must not write"
+
+
 class _Net(nn.Module):
     def __init__(self, hidden: int = 7) -> None:
         super().__init__()

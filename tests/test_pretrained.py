@@ -736,7 +736,7 @@ def test_official_xcit_weights(layout):
     because XCiT has BatchNorm) load strictly into timm's XCiT and give its features."""
     from timm.models.xcit import checkpoint_filter_fn
 
-    from dino_fast.models import xcit_timm_keys
+    from dino_fast.models import xcit_official_keys, xcit_timm_keys
 
     ref = _xcit()
     sd = official_xcit_state_dict(ref)
@@ -745,6 +745,8 @@ def test_official_xcit_weights(layout):
     timm_mapped = checkpoint_filter_fn(dict(sd), ref)  # timm's own reading of the official names
     assert set(mapped) == set(timm_mapped) == set(ref.state_dict())
     assert all(torch.equal(mapped[k], timm_mapped[k]) for k in mapped)
+    back = xcit_official_keys(mapped)  # the way back, for an official-layout export
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     if layout == "official_training":
         teacher = {f"module.backbone.{k}": v for k, v in sd.items()} | fake_head(384, prefix="module.head.")
         sd = {"teacher": teacher, "student": teacher, "epoch": 1}

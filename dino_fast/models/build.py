@@ -83,7 +83,8 @@ def build_models(cfg: Any, device: torch.device, compute_dtype: torch.dtype | No
     ``cfg.small_image_stem``: a torchvision ResNet with the 3x3 stride-1 stem.
 
     ``compute_dtype`` (the run's autocast dtype): bf16 / fp16 keep the ViT's residual stream in
-    it (``DinoViT(low_precision_stream=True)``); None or fp32 leave the fp32 stream.
+    it (``DinoViT(low_precision_stream=True)``) and rebuild the LayerNorm / GELU outputs in backward
+    (``recompute_norm_gelu=True``); None or fp32 leave the fp32 stream and keep them.
     ``cfg.compile``: each wrapper's forwards compiled whole (:meth:`MultiCropWrapper.compile`)."""
     kw: dict[str, Any] = dict(arch=cfg.arch, patch_size=cfg.patch_size, attn_backend=cfg.attn_backend,
                               img_size=cfg.global_crops_size)
@@ -91,7 +92,7 @@ def build_models(cfg: Any, device: torch.device, compute_dtype: torch.dtype | No
     if family != "torchvision" and cfg.depth:
         kw["depth"] = cfg.depth
     if family == "vit" and compute_dtype in _HALF:
-        kw["low_precision_stream"] = True
+        kw["low_precision_stream"] = kw["recompute_norm_gelu"] = True  # the fast path (vit.py's docstring)
     if cfg.small_image_stem:
         kw["small_image_stem"] = True
     mim = cfg.ibot_weight > 0

@@ -15,6 +15,9 @@ What differs from a plain timm ViT, and why:
 - official init (class token ~ trunc_normal(.02), timm draws it with std 1e-6) and the
   official API: ``forward -> CLS``, ``get_last_selfattention``, ``get_intermediate_layers``;
 - drop path with its rate in a buffer (``layers.DropPath``: one compiled graph for all blocks);
+- ``recompute_norm_gelu=True``: backward rebuilds each block's LayerNorm and GELU outputs from
+  their inputs instead of keeping them (``layers.norm_linears`` / ``act_linear``): 10 of the 16
+  stream-widths a block keeps per token (activation memory about 60 % of the saving path's);
 - ``low_precision_stream=True``: under autocast the residual stream stays in the compute dtype
   (class token and pos-embed cast to it, ``layers.LayerNorm`` returning its input's dtype), so
   adds, norms and saved activations move 2-byte values; off, it is fp32 as in timm.
@@ -33,7 +36,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, PackedSeqlens, _check_backend, _is_packed, set_attn_backend
-from .layers import DropPath, LayerNorm
+from . import varlen as _vl
+from .layers import DropPath, LayerNorm, act_linear, norm_linears, recomputable_norm
 from .pos_embed import interpolate_pos_encoding
 
 __all__ = ["ARCHS", "DinoViT", "DinoBlock", "build_vit"]
@@ -66,7 +70,13 @@ class _FloorPatchEmbed(PatchEmbed):
 class DinoBlock(Block):
     """timm ``Block`` (same parameters and keys) whose drop path holds its rate in a buffer and,
     on packed input, drops per sequence (per image view, as unpacked timm / official DINO drop
-    per sample; a per-sample drop on the (1, T, D) row would drop every view at once)."""
+    per sample; a per-sample drop on the (1, T, D) row would drop every view at once).
+
+    ``recompute_norm_gelu`` (set by ``DinoViT``): with gradients on, the MLP keeps the input of
+    norm2 and of the GELU only (``layers.norm_linears`` / ``act_linear``), and on the varlen
+    backend the attention keeps norm1's input instead of its output; backward rebuilds the rest."""
+
+    recompute_norm_gelu = False
 
     def __init__(self, *args: Any, drop_path: float = 0.0, device: Any = None, **kw: Any) -> None:
         super().__init__(*args, drop_path=drop_path, device=device, **kw)
@@ -75,12 +85,51 @@ class DinoBlock(Block):
             self.drop_path2 = DropPath(drop_path, device=device)
 
     def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
-        if not (_is_packed(attn_mask) and self.training and isinstance(self.drop_path1, DropPath)):
+        per_seq = _is_packed(attn_mask) and self.training and isinstance(self.drop_path1, DropPath)
+        recompute = self.recompute_norm_gelu and torch.is_grad_enabled()
+        if not (per_seq or recompute):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        seqs = PackedSeqlens.from_any(attn_mask)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=seqs)), seqs)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), seqs)
+        if _is_packed(attn_mask):
+            attn_mask = PackedSeqlens.from_any(attn_mask)
+        x = x + self._drop(self.drop_path1, self.ls1(self._attention(x, attn_mask, is_causal, recompute)), per_seq,
+                           attn_mask)
+        x = x + self._drop(self.drop_path2, self.ls2(self._mlp(x, recompute)), per_seq, attn_mask)
         return x
+
+    @staticmethod
+    def _drop(drop: nn.Module, y: torch.Tensor, per_seq: bool, seqs: Any) -> torch.Tensor:
+        return drop(y, seqs) if per_seq else drop(y)
+
+    def _attention(self, x: torch.Tensor, attn_mask: Any, is_causal: bool, recompute: bool) -> torch.Tensor:
+        attn = self.attn
+        if (recompute and getattr(attn, "gate", None) is None and recomputable_norm(self.norm1, x)
+                and attn._resolve(x, attn_mask, is_causal) == "varlen"):
+            return self._varlen_recompute(x, attn_mask)
+        return attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+
+    def _varlen_recompute(self, x: torch.Tensor, seqs: PackedSeqlens | None) -> torch.Tensor:
+        """``Attention._varlen`` with norm1 inside ``norm_linears``: the same three q/k/v GEMMs and
+        varlen call, with norm1's output rebuilt in backward instead of kept. (B, N, C) -> (B, N, C)."""
+        attn, (B, N, _) = self.attn, x.shape
+        weights = attn.qkv.weight.split(attn.attn_dim)
+        biases = (None,) * 3 if attn.qkv.bias is None else attn.qkv.bias.split(attn.attn_dim)
+        q, k, v = (t.view(B * N, attn.num_heads, attn.head_dim)  # (T, H, Dh) each
+                   for t in norm_linears(x, self.norm1, list(weights), list(biases)))
+        q, k = attn._qk_norm(q, k, v.dtype)
+        if seqs is None:
+            cu, max_len = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=x.device), N
+        else:
+            cu, max_len = seqs.cu_seqlens(x.device), seqs.max_seqlen
+        out = _vl.varlen_attention(_vl.get_varlen_attn(x.device), q, k, v, cu, max_len, attn.scale)  # (T, H, Dh)
+        return attn.proj_drop(attn.proj(attn.norm(out.reshape(B, N, attn.attn_dim))))
+
+    def _mlp(self, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+        mlp = self.mlp
+        if (recompute and recomputable_norm(self.norm2, x) and isinstance(mlp.act, nn.GELU)
+                and isinstance(mlp.norm, nn.Identity) and not getattr(mlp.drop1, "p", 0.0)):
+            (h,) = norm_linears(x, self.norm2, [mlp.fc1.weight], [mlp.fc1.bias])
+            return mlp.drop2(act_linear(h, mlp.act, mlp.fc2))
+        return mlp(self.norm2(x))
 
 
 class DinoViT(VisionTransformer):
@@ -90,6 +139,8 @@ class DinoViT(VisionTransformer):
     ``attn_backend`` (property, settable): the attention backend its blocks are configured with
     (``"auto"``, ``"sdpa"``...; see ``attention.BACKENDS``); ``attn_head_dim``: their head size.
     ``low_precision_stream``: see the module docstring (also settable after construction).
+    ``recompute_norm_gelu``: the blocks' backward rebuilds the LayerNorm and GELU outputs instead
+    of keeping them (``layers.norm_linears``; settable after construction).
 
     ``masked_im_modeling=True`` adds a ``mask_token`` parameter ``(1, 1, D)``, zeros at init
     (iBOT / DINOv2 init; DINOv2 stores it as ``(1, D)``: reshape when loading theirs). Default
@@ -101,7 +152,7 @@ class DinoViT(VisionTransformer):
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                  attn_backend: str = "auto", masked_im_modeling: bool = False,
-                 low_precision_stream: bool = False, **kw: Any) -> None:
+                 low_precision_stream: bool = False, recompute_norm_gelu: bool = False, **kw: Any) -> None:
         fixed = sorted(set(kw) & set(_FIXED))
         if fixed:
             raise ValueError(f"DinoViT fixes {fixed} (DINO architecture); do not pass them")
@@ -121,6 +172,7 @@ class DinoViT(VisionTransformer):
         if masked_im_modeling:  # registered only when asked: default state dicts keep official keys
             self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.low_precision_stream = low_precision_stream
+        self.recompute_norm_gelu = recompute_norm_gelu
 
     # --- configuration ------------------------------------------------------------------
     @property
@@ -148,6 +200,15 @@ class DinoViT(VisionTransformer):
         for m in self.modules():
             if isinstance(m, LayerNorm):
                 m.keep_dtype = bool(on)
+
+    @property
+    def recompute_norm_gelu(self) -> bool:
+        return all(blk.recompute_norm_gelu for blk in self.blocks)
+
+    @recompute_norm_gelu.setter
+    def recompute_norm_gelu(self, on: bool) -> None:
+        for blk in self.blocks:
+            blk.recompute_norm_gelu = bool(on)
 
     # --- tokens -------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,7 +304,7 @@ class DinoViT(VisionTransformer):
             tokens.append(x.reshape(1, -1, x.shape[-1]))
             seqlens += [x.shape[1]] * x.shape[0]
         x = self.norm_pre(torch.cat(tokens, dim=1))  # (1, T, D)
-        seqs = PackedSeqlens(seqlens)
+        seqs = self._packed_seqlens(seqlens)
         self._prepare_packed(seqs, x)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -252,6 +313,19 @@ class DinoViT(VisionTransformer):
                 x = blk(x, attn_mask=seqs)
         # LayerNorm is per token: normalising only the CLS rows gives the same values.
         return self.norm(seqs.cls_tokens(x))
+
+    def _packed_seqlens(self, seqlens: list[int]) -> PackedSeqlens:
+        """The ``PackedSeqlens`` of this layout, kept from the last forward when it is the same: its
+        device tensors (cu_seqlens, block masks) are then built once, so a steady step copies
+        nothing from the host and a CUDA-graph replay reads the buffers its capture recorded. A
+        fresh one under torch.compile (the compiled graph holds them as constants; a kept Python
+        object would be a guard)."""
+        if torch.compiler.is_compiling():
+            return PackedSeqlens(seqlens)
+        kept = self.__dict__.get("_kept_seqlens")
+        if kept is None or kept.seqlens != tuple(seqlens):
+            kept = self.__dict__["_kept_seqlens"] = PackedSeqlens(seqlens)
+        return kept
 
     def _prepare_packed(self, seqs: PackedSeqlens, x: torch.Tensor) -> None:
         """Build the kernel inputs of ``seqs`` (cu_seqlens, flex block mask, xformers bias) for

@@ -28,13 +28,14 @@ import timm
 import torch
 import torch.nn as nn
 
-__all__ = ["XCIT_ARCHS", "build_xcit", "infer_xcit_arch", "is_xcit_state_dict", "xcit_timm_keys"]
+__all__ = ["XCIT_ARCHS", "build_xcit", "infer_xcit_arch", "is_xcit_state_dict", "xcit_official_keys", "xcit_timm_keys"]
 
 # official facebookresearch/xcit name -> timm model name (the 224-px variants: the same networks)
 XCIT_ARCHS: dict[str, str] = {n.removesuffix("_224"): n for n in sorted(timm.list_models("xcit_*_224"))}
 # official size names by embedding width (facebookresearch/xcit xcit.py)
 _SIZES = {128: "nano", 192: "tiny", 384: "small", 512: "medium", 768: "large"}
 _QKV = re.compile(r"^(cls_attn_blocks\.\d+\.attn)\.qkv\.(weight|bias)$")
+_Q = re.compile(r"^(cls_attn_blocks\.\d+\.attn)\.q\.(weight|bias)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _PATCH_CONV = re.compile(r"^patch_embed\.proj\.(\d+)\.0\.weight$")
 
@@ -69,6 +70,20 @@ def xcit_timm_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for name, part in zip("qkv", v.chunk(3, dim=0)):  # (3C, ...) -> 3 x (C, ...)
                 out[f"{m.group(1)}.{name}.{m.group(2)}"] = part
         else:
+            out[k] = v
+    return out
+
+
+def xcit_official_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`xcit_timm_keys`: timm's XCiT state dict under the facebookresearch/xcit
+    names (what official ``torch.hub.load('facebookresearch/xcit:main', ...)`` loads strictly)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith("pos_embed."):
+            out["pos_embeder." + k[len("pos_embed."):]] = v
+        elif m := _Q.match(k):
+            out[f"{m.group(1)}.qkv.{m.group(2)}"] = torch.cat([sd[f"{m.group(1)}.{n}.{m.group(2)}"] for n in "qkv"])
+        elif not re.match(r"^cls_attn_blocks\.\d+\.attn\.[kv]\.(weight|bias)$", k):
             out[k] = v
     return out
 
