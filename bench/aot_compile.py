@@ -47,7 +47,8 @@ from typing import Any, Iterator
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 REGISTERS_PER_BLOCK = 64 * 1024
 NAMES = ("BLOCK_K", "BLOCK_R", "BLOCK", "num_warps", "num_stages", "G_PAD", "NS_S_PAD", "NS_T_PAD", "TEACHER_PROBS",
-         "WRITE_GRAD", "HAS_CENTER", "COL_SUM", "S_DTYPE", "C_DTYPE", "HAS_COPY", "M_FROM_PTR", "ALIGNED")  # what a row prints of a config
+         "WRITE_GRAD", "HAS_CENTER", "COL_SUM", "S_DTYPE", "C_DTYPE", "HAS_COPY", "M_FROM_PTR",
+         "ALIGNED")  # what a row prints of a config
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

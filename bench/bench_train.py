@@ -33,6 +33,9 @@ the 2 global views; loss, optimizer and EMA not counted. MFU = FLOPs / step time
     python bench/bench_train.py                       # GPU: ViT-S/16, 2x224 + 10x96, batch 64
     python bench/bench_train.py --data /imagenet/train --batch-size 128 --steps 50
     python bench/bench_train.py --out /tmp/r          # CPU: a tiny model, NOT GPU figures
+
+--preset NAME: the preset as ``dino-fast train --config NAME`` runs it, variants (today's settings, the file
+as it is, levers) interleaved in one process, with each phase's ops, FLOP rate: bench/train_preset.py.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ if not torch.cuda.is_available():  # before any Triton kernel is defined: CPU ru
 
 from bench.bench_model import vit_forward_flops  # noqa: E402
 from bench.common import Results, device_peaks, oom_as_reason, peak_note  # noqa: E402
+from bench.train_preset import outside_ops  # noqa: E402
 
 PATHS = ("reference", "fast", "fast+compile")
 MODES = ("synthetic", "loader")
@@ -64,6 +68,13 @@ PHASES = ("data", "forward", "loss", "backward", "optimizer", "ema", "other")
 # --- FLOP counting -----------------------------------------------------------------------------
 def step_flops(cfg: Any) -> int:
     """Counted FLOPs of one training step over the global batch (formula in the module doc)."""
+    student, teacher = forward_flops(cfg)
+    return 3 * student + teacher
+
+
+def forward_flops(cfg: Any) -> tuple[int, int]:
+    """Counted forward FLOPs of (the student over all views, the teacher over the globals) for the batch;
+    the student's backward is twice its forward."""
     from dino_fast.models import ARCHS
 
     arch = ARCHS[cfg.arch]
@@ -76,7 +87,7 @@ def step_flops(cfg: Any) -> int:
 
     student = 2 * view(cfg.global_crops_size) + cfg.local_crops_number * view(cfg.local_crops_size)
     teacher = 2 * view(cfg.global_crops_size)
-    return cfg.batch_size_per_gpu * (3 * student + teacher)
+    return cfg.batch_size_per_gpu * student, cfg.batch_size_per_gpu * teacher
 
 
 # --- configs -----------------------------------------------------------------------------------
@@ -108,19 +119,28 @@ def build_config(args: argparse.Namespace, path: str, mode: str, data: Path, out
 # --- timing ------------------------------------------------------------------------------------
 class PhaseTimer:
     """Marks on the GPU timeline (CUDA events; wall clock on CPU). ``mark(phase)`` ends ``phase``;
-    a phase lasts from the previous mark to its own."""
+    a phase lasts from the previous mark to its own. With ``counter`` (an OpCounter) each mark also
+    notes the ops dispatched so far, so ``per_step_ops`` gives each phase's ops."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
+    def __init__(self, cuda: bool, counter: Any = None) -> None:
+        self.cuda, self.counter = cuda, counter
         self.marks: list[tuple[str, Any]] = []
+        self.ops: list[int] = []
 
     def mark(self, phase: str) -> None:
+        self.ops.append(self.counter.count if self.counter is not None else 0)
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             self.marks.append((phase, ev))
         else:
             self.marks.append((phase, time.perf_counter()))
+
+    def per_step_ops(self, steps: int) -> dict[str, float]:
+        totals = dict.fromkeys(PHASES, 0)
+        for (phase, _), n0, n1 in zip(self.marks[1:], self.ops, self.ops[1:]):
+            totals[phase] += n1 - n0
+        return {p: v / steps for p, v in totals.items()}
 
     def per_step_ms(self, steps: int) -> dict[str, float]:
         if self.cuda:
@@ -161,13 +181,14 @@ def instrumented(trainer: Any, timer: PhaseTimer) -> Iterator[None]:
             h.remove()
 
 
-def batches(trainer: Any, mode: str, args: argparse.Namespace, device: torch.device) -> Iterator[list[torch.Tensor]]:
+def batches(trainer: Any, mode: str, device: torch.device) -> Iterator[list[torch.Tensor]]:
     """Endless views: one fixed synthetic batch (in the run's compute dtype, as DALI delivers), or
     the trainer's loader epoch after epoch."""
     if mode == "synthetic":
         g = torch.Generator(device=device).manual_seed(0)
-        sizes = [args.global_size] * 2 + [args.local_size] * args.n_local
-        batch = trainer.cfg.batch_size_per_gpu
+        cfg = trainer.cfg
+        sizes = [cfg.global_crops_size] * 2 + [cfg.local_crops_size] * cfg.local_crops_number
+        batch = cfg.batch_size_per_gpu
         views = [torch.randn(batch, 3, s, s, device=device, dtype=trainer.compute_dtype, generator=g) for s in sizes]
         while True:
             yield views
@@ -197,14 +218,26 @@ def run_steps(trainer: Any, it: Iterator[list[torch.Tensor]], n: int, timer: Pha
     return time.perf_counter() - t0
 
 
-def profile_steps(trainer: Any, it: Iterator[list[torch.Tensor]], n: int, top: int = 15) -> list[dict[str, Any]]:
-    """torch.profiler over ``n`` steps: the ``top`` kernels (CUDA) or ops (CPU) by self time."""
+def phase_pass(trainer: Any, it: Iterator[list[torch.Tensor]], n: int, counter: Any = None) -> PhaseTimer:
+    """``n`` instrumented steps (phase marks; with ``counter``, an active OpCounter, the ops of each phase)."""
+    timer = PhaseTimer(trainer.device.type == "cuda", counter)
+    with instrumented(trainer, timer), (counter if counter is not None else contextlib.nullcontext()):
+        run_steps(trainer, it, n, timer)
+    return timer
+
+
+def profile_steps(trainer: Any, it: Iterator[list[torch.Tensor]], n: int, top: int = 15,
+                  summary: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """torch.profiler over ``n`` steps: the ``top`` kernels (CUDA) or ops (CPU) by self time; ``summary``
+    gets the top-level ops per step and the ms per step outside them (Python, autograd, hooks)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = trainer.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        run_steps(trainer, it, n)
+        secs = run_steps(trainer, it, n)
+    if summary is not None:
+        summary["profiled_ops"], summary["outside_ops_ms"] = outside_ops(prof, n, secs)
     events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     events.sort(key=key, reverse=True)
@@ -224,7 +257,7 @@ def bench_one(args: argparse.Namespace, path: str, mode: str, data: Path, device
         trainer = Trainer(cfg, device=device)
         row["attn"] = trainer.describe()[1].removeprefix("attention: ") + (
             " packed" if cfg.packed_multicrop else " per-res")
-        it = batches(trainer, mode, args, device)
+        it = batches(trainer, mode, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         run_steps(trainer, it, args.warmup)
@@ -247,6 +280,66 @@ def bench_one(args: argparse.Namespace, path: str, mode: str, data: Path, device
     return row, prof
 
 
+def bench_preset(args: argparse.Namespace, data: Path, device: torch.device) -> None:
+    """--preset: the preset's variants in interleaved rounds, then, per variant, its phases, ops, tiny-batch
+    phases and top ops (bench/train_preset.py)."""
+    from dino_fast.models import arch_family
+    from dino_fast.train import Trainer
+    from bench.train_preset import (OpCounter, cpu_seconds, gemm_gflops, interleaved, load_average, parse_variant,
+                                    phase_rows, preset_config, preset_results, threads, timing_row)
+
+    results, phases, profile = preset_results(args, device)
+    variants = [parse_variant(v) for v in args.variants]
+    with tempfile.TemporaryDirectory() as tmp:
+        def build(mode: str, name: str, over: dict[str, Any], batch: int = 0) -> dict[str, Any]:
+            cfg = preset_config(args.preset, over, str(data), str(Path(tmp) / f"{mode}-{name}-{batch}"), batch)
+            trainer = Trainer(cfg, device=device)
+            run = dict(trainer=trainer, it=batches(trainer, mode, device), over=over)
+            with threads(over.get("threads")):
+                t0 = time.perf_counter()
+                run_steps(trainer, run["it"], args.warmup)
+            return {**run, "warmup_s": time.perf_counter() - t0}
+
+        def timed(run: dict[str, Any]) -> tuple[float, float, float | None]:
+            with threads(run["over"].get("threads")):
+                c0 = cpu_seconds()
+                wall = run_steps(run["trainer"], run["it"], args.steps)
+                return wall / args.steps, (cpu_seconds() - c0) / args.steps, load_average()
+
+        runs = {(mode, name): build(mode, name, over) for mode in args.modes for name, over in variants}
+        times = interleaved({key: (lambda r=run: timed(r)) for key, run in runs.items()}, args.rounds)
+        for (mode, name), run in runs.items():
+            trainer, it, over, cfg = run["trainer"], run["it"], run["over"], run["trainer"].cfg
+            vit = arch_family(cfg.arch) == "vit"
+            fwd = forward_flops(cfg) if vit else (0, 0)
+            row = timing_row(mode, name, over, trainer, times[(mode, name)], run["warmup_s"], fwd)
+            with threads(over.get("threads")):
+                timer, ops, small = phase_pass(trainer, it, args.steps), None, None
+                if not cfg.compile:  # a dispatch mode under a compiled graph would time something else
+                    ops = phase_pass(trainer, it, 1, OpCounter()).per_step_ops(1)
+                    row["ops"] = sum(ops.values())
+                if args.overhead_batch and mode == "synthetic" and not cfg.compile:
+                    tiny = build(mode, name, over, args.overhead_batch)
+                    small = phase_pass(tiny["trainer"], tiny["it"], args.steps).per_step_ms(args.steps)
+                    row["step_ms_small_batch"] = sum(small.values())
+                    tiny["it"].close()
+                dim = getattr(trainer.student.backbone, "embed_dim", 0)
+                tokens = cfg.batch_size_per_gpu * (1 + (cfg.global_crops_size // cfg.patch_size) ** 2)
+                gemm = gemm_gflops(tokens, dim, 4 * dim, trainer.compute_dtype, device) if vit and dim else 0.0
+                if profile is not None:
+                    summary: dict[str, Any] = {}
+                    top = profile_steps(trainer, it, args.profile, top=25, summary=summary)
+                    profile.add(*[{"mode": mode, "variant": name, **r} for r in top])
+                    row.update(summary)
+            results.add(row)
+            phases.add(*phase_rows({"mode": mode, "variant": name}, timer.per_step_ms(args.steps), ops, small, fwd, gemm))
+        for run in runs.values():
+            run["it"].close()  # stops the loader's feeder thread
+    for r in (results, phases, profile):
+        if r is not None:
+            r.close()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -267,16 +360,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-bottleneck-dim", type=int, default=256 if cuda else 64)
     p.add_argument("--num-workers", type=int, default=8 if cuda else 0, help="loader workers (DALI threads)")
     p.add_argument("--fsdp", action="store_true", help="run the FSDP2 code path (one rank)")
-    p.add_argument("--warmup", type=int, default=10 if cuda else 1, help="untimed steps (compile happens here)")
-    p.add_argument("--steps", type=int, default=20 if cuda else 2, help="timed steps (each of 2 passes)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps, compile included (default: GPU 10, CPU 1, "
+                   "--preset 3)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps of each pass (default: GPU 20, CPU 2, --preset 5)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s for MFU (default: bench.common.device_peaks of this GPU; "
                         "H100 SXM / H200 989)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also run torch.profiler over N steps per row and write the top kernels (train_profile)")
-    p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU")
+    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU (default 1; --preset: torch's own)")
+    p.add_argument("--preset", default="", help="time this preset as dino-fast train runs it, variant by variant "
+                   "(bench/train_preset.py): e.g. tiny_imagenet_sk --data ../shared/data/tiny-imagenet-10/train")
+    p.add_argument("--variants", nargs="+", default=["before", "after"],
+                   help="--preset: names in bench/train_preset.py VARIANTS, or name:key=value,... (config keys, threads)")
+    p.add_argument("--rounds", type=int, default=3, help="--preset: interleaved rounds of --steps steps per variant")
+    p.add_argument("--overhead-batch", type=int, default=2, help="--preset: also time each variant at this batch (0: off)")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    preset_default = 3 if args.preset else 10 if cuda else 1
+    args.warmup = preset_default if args.warmup is None else args.warmup
+    args.steps = args.steps if args.steps is not None else 5 if args.preset else 20 if cuda else 2
+    return args
 
 
 def add_x_ref(rows: list[dict[str, Any]]) -> None:
@@ -295,13 +399,16 @@ def main(argv: list[str] | None = None) -> None:
     given_peak = args.peak_tflops is not None
     if args.peak_tflops is None and device.type == "cuda":
         args.peak_tflops = (device_peaks() or (None, None))[1]
-    if device.type == "cpu":
-        torch.set_num_threads(args.cpu_threads)
+    if device.type == "cpu" and (args.cpu_threads or not args.preset):
+        torch.set_num_threads(args.cpu_threads or 1)
+    args.cpu_threads = torch.get_num_threads()
     data = Path(args.data) if args.data else None
     if data is None:
         from dino_fast.data.demo import make_demo_dataset
 
         data = make_demo_dataset() / "train"
+    if args.preset:
+        return bench_preset(args, data, device)
     shape = (f"{args.arch}/{args.patch_size}" + (f" depth {args.depth}" if args.depth else "") +
              f", 2x{args.global_size} + {args.n_local}x{args.local_size} px views, out_dim {args.out_dim}, "
              f"head {args.head_hidden_dim}/{args.head_bottleneck_dim}")

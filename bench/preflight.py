@@ -38,9 +38,8 @@ PATHS = {"torch": dict(loss_impl="torch", ema_impl="foreach"),  # like for like 
          "fast": dict(loss_impl="auto", ema_impl="auto")}       # the preset's: fused loss, Triton EMA
 GPUS = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200"}  # names device_peaks knows (SXM)
 SECONDS = [f"{g}_s" for g in GPUS]  # roofline seconds per GPU, summed per phase
-# Ops that move no data and launch nothing (views are found from the schema)
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
-             "lift_fresh", "_unsafe_view", "set_", "resize_"}
+             "lift_fresh", "_unsafe_view", "set_", "resize_"}  # move no data, launch nothing (+ views: schema)
 
 
 def use_repo(repo: str | None) -> Path:
@@ -58,10 +57,12 @@ def use_repo(repo: str | None) -> Path:
 
 
 def make_config(preset: str | None = "vit_small_h200", **overrides: Any) -> Any:
-    """The preset with ``overrides``; the measured step is the steady one (last layer not frozen)."""
-    from dino_fast.config import load_config
+    """The preset with ``overrides``, its step eager (no CUDA graphs, where the code has them) and steady
+    (the last layer not frozen)."""
+    from dino_fast.config import TrainConfig, load_config
 
-    fixed = dict(freeze_last_layer=0, output_dir="/nonexistent/preflight", data_path="/nonexistent/preflight")
+    fixed = dict(freeze_last_layer=0, output_dir="/nonexistent/preflight", data_path="/nonexistent/preflight",
+                 **({"cuda_graphs": False} if "cuda_graphs" in TrainConfig.__dataclass_fields__ else {}))
     return load_config(preset, {**fixed, **overrides})
 
 
@@ -117,9 +118,7 @@ def device_caches() -> Iterator[None]:
 
     def resize_matrix(n_in: int, n_out: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
         key = (n_in, n_out, str(device), dtype)
-        if key not in memo:
-            memo[key] = real(n_in, n_out, device, dtype)
-        return memo[key]
+        return memo[key] if key in memo else memo.setdefault(key, real(n_in, n_out, device, dtype))
 
     with _patched(pos_embed, resize_matrix=resize_matrix) if real is not None else contextlib.nullcontext():
         yield
@@ -206,6 +205,11 @@ def seqlens(cfg: Any, batch: int) -> list[int]:
     return [1 + (s // cfg.patch_size) ** 2 for s in sizes for _ in range(batch)]
 
 
+def teacher_module(trainer: Any) -> torch.nn.Module:
+    """The module the teacher's forward runs on: the EMA's compute-dtype copy where there is one."""
+    return getattr(trainer.ema, "forward_teacher", trainer.teacher)
+
+
 @contextlib.contextmanager
 def phase_marks(trainer: Any, counter: OpCounter) -> Iterator[None]:
     """``counter.phase`` follows ``train_step`` (hooks and wrappers from outside, like bench_train)."""
@@ -224,7 +228,7 @@ def phase_marks(trainer: Any, counter: OpCounter) -> Iterator[None]:
         return lambda *_: setattr(counter, "phase", phase)
 
     losses = [m for m in trainer.objective.parts().values() if isinstance(m, torch.nn.Module)]
-    handles = [h for m, phase in [(trainer.teacher, "teacher_fwd"), (trainer.student, "student_fwd"),
+    handles = [h for m, phase in [(teacher_module(trainer), "teacher_fwd"), (trainer.student, "student_fwd"),
                                   *[(m, "loss") for m in losses]]
                for h in (m.register_forward_pre_hook(enter(phase)), m.register_forward_hook(enter("other")))]
     handles += [trainer.optimizer.register_step_pre_hook(enter("optimizer")),
@@ -272,10 +276,7 @@ def saved_bytes(cfg: Any, batches: tuple[int, ...]) -> list[dict[str, int]]:
             views = fake_views(trainer, b)
             with StepRecorder(), trainer.autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 trainer.student(views)
-            by_dtype: dict[str, int] = defaultdict(int)
-            for dtype, n in seen.values():
-                by_dtype[dtype] += n
-            out.append(dict(by_dtype))
+            out.append({d: sum(n for dt, n in seen.values() if dt == d) for d, _ in seen.values()})  # by dtype
     return out
 
 
@@ -319,14 +320,14 @@ def compile_counts(cfg: Any, steps: int) -> dict[str, Any]:
     try:
         with fake_cuda(), _dynamo_on_fake_cuda(), _patched(torch, compile=counting_compile):
             trainer = fake_trainer(cfg)
-            owners = {m: {id(p) for p in getattr(trainer, m).parameters()} for m in ("student", "teacher")}
+            models = {"student": [trainer.student], "teacher": [trainer.teacher, teacher_module(trainer)]}
+            owners = {k: {id(t) for m in ms for t in [*m.parameters(), *m.buffers()]} for k, ms in models.items()}
             views = fake_views(trainer)
             for step in range(steps):
                 trainer.train_step(views)
         limit = sum(n for k, n in counters["unimplemented"].items() if "recompile limit" in k.lower())
         row = {f"graphs_{m}": sum(g[0] == m for g in graphs) for m in ("student", "teacher")}
-        # a recompile: a model's further graph of a code object it has a graph of (the teacher's first graph
-        # of a code object the student shares is a recompile to Dynamo, but that model's first graph)
+        # a recompile: a model's further graph of a code object (not another model's first one of it)
         row.update(recompiles=len(graphs) - len({g[:2] for g in graphs}),
                    graphs_after_step1=sum(g[2] > 0 for g in graphs),
                    graph_breaks=sum(counters["graph_break"].values()), recompile_limit_hits=limit,
@@ -355,7 +356,7 @@ NOTES = (
     "(compile true, backend eager: the graphs Inductor would get) on the same fake tensors over compile_steps "
     "steps: graphs per model; recompiles: a model's further graphs of a code object it already has one of; "
     "recompile_limit_hits: frames left eager at the recompile limit. Measured: {source}; {shape}; "
-    "freeze_last_layer 0 (the steady step).")
+    "freeze_last_layer 0 (the steady step), cuda_graphs off (eager counts).")
 
 
 def phase_rows(counter: OpCounter, launch_us: float) -> list[dict[str, Any]]:
@@ -421,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     shape = (f"preset {args.preset}: {c.arch}/{c.patch_size} depth {c.depth or 'full'}, 2 x {c.global_crops_size} + "
              f"{c.local_crops_number} x {c.local_crops_size}, out_dim {c.out_dim}, batch {c.batch_size_per_gpu}, "
              f"{c.precision}, attn_backend {c.attn_backend}, packed {c.packed_multicrop}")
-    notes = NOTES.format(peaks=peaks, launch_us=args.launch_us, source=f"dino_fast from {root} at {sha}", shape=shape)
+    notes = NOTES.format(peaks=peaks, launch_us=args.launch_us, shape=shape,
+                         source=f"dino_fast from {root} at {sha} ({label})")
     phases = Results(f"preflight_{label}", PHASE_COLUMNS, notes, out_dir=args.out)
     models = Results(f"preflight_model_{label}", MODEL_COLUMNS, notes, out_dir=args.out)
     for path in args.paths:
@@ -431,9 +433,8 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # fast: a Triton kernel launched outside a custom op has no fake implementation
             if path == "torch":
                 raise
-            why = (str(e).strip().splitlines() or [""])[0][:200]
             raise SystemExit(f"bench.preflight: path {path!r} does not run on the fake device ({type(e).__name__}: "
-                             f"{why}); code without the custom ops runs --paths torch only") from e
+                             f"{str(e).strip()[:200]}); code without the custom ops runs --paths torch only") from e
         phases.add(*[{"code": label, "path": path, **r} for r in phase_rows(counter, args.launch_us)])
         row = {"code": label, "path": path, **model_row(cfg, counter, recorder)}
         if args.compile_steps:

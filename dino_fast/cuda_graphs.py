@@ -2,8 +2,8 @@
 
 A DINO step has static shapes (the same crops every step), so its whole device work - forward,
 backward, clipping, AdamW, the teacher EMA, the center update and the loss accumulators - can be
-captured once as a CUDA graph and replayed: one launch from the host instead of ~2,000. What
-that takes, and where it is done:
+captured once as a CUDA graph and replayed: one launch from the host instead of ~1,700 (the
+eager step's count in bench/preflight.py). What that takes, and where it is done:
 
 - inputs: the views are copied into static buffers (one ``_foreach_copy_``) that the graph reads;
 - per-step host values live in device tensors written before each replay by ``fill_`` (a
@@ -16,23 +16,25 @@ that takes, and where it is done:
   temperature (a float argument of the fused loss kernel) and whether the head's last layer is
   frozen (which gradients exist); a new key is warmed up and captured again (one log line);
 - cu_seqlens and block masks are built once per sequence layout (``DinoViT`` keeps its
-  ``PackedSeqlens``), so no host-to-device copy is recorded in the graph;
+  ``PackedSeqlens``; ``pos_embed`` keeps its resize matrices), so no host-to-device copy is
+  recorded in the graph (its host buffer would be freed and reused after the capture);
 - before each capture, ``WARMUP_STEPS`` real steps run eagerly on a side stream (lazy
   initialisation, Triton autotuning, the EMA launch plan, the optimizer state), then
   ``torch.cuda.graph`` captures one step with gradients set to None (so the captured backward
-  writes them, and every replay does the same) and the step is replayed.
+  writes them, and every replay does the same) and the step is replayed. The capture is
+  ``thread_local``: the loader's threads (DALI) may call CUDA meanwhile.
 
 What cannot be captured is refused at config check (:func:`graph_refusal`: fp16's GradScaler
 reads its scale on the host; iBOT draws masks whose count depends on the data; FSDP and
 activation checkpointing run collectives / RNG-state reads the graph cannot hold; other
 optimizers take a float lr) or, when only the run knows it (FSDP under torchrun), falls back
-to eager steps with one log line (:func:`graphed_step`). After a load the optimizer's state
-tensors are new: the graph is dropped and captured again (noticed from the lr tensor the load
-replaced).
+to eager steps with one log line (:func:`graphed_step`). A load brings new optimizer groups and
+state tensors: the graph is dropped and captured again (noticed from the groups' identity).
 
-On CPU (no CUDA graphs) the same static-buffer step runs eagerly: the CPU twin that
-tests/test_cuda_graphs.py compares with the plain step, and tests/preflight/test_graphed_step.py
-traces on a fake CUDA device (no host sync, no CPU tensor per step).
+On CPU (no CUDA graphs) the same static-buffer step runs eagerly, with the optimizer as built
+(foreach AdamW, its lr a number): the CPU twin that tests/test_cuda_graphs.py compares with the
+plain step bit for bit. tests/preflight/test_graphed_step.py traces the CUDA flavour on a fake
+CUDA device (fused AdamW with the lr tensor; no host sync, no CPU tensor per step).
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ def graph_refusal(cfg: Any) -> str:
     if cfg.precision == "fp16":
         return "with precision fp16: GradScaler reads its scale on the host every step; use precision bf16"
     if cfg.ibot_weight > 0:
-        return "with ibot_weight > 0: iBOT's masks are drawn on the host with a data-dependent count; set cuda_graphs false"
+        return ("with ibot_weight > 0: iBOT's masks are drawn on the host with a data-dependent count; "
+                "set cuda_graphs false")
     if cfg.fsdp:
         return "with fsdp true: FSDP's collectives and hooks are not captured; set one of them false"
     if cfg.activation_checkpointing:
@@ -84,10 +87,14 @@ class CudaGraphStep:
         self.body, self.optimizer, self.device = body, optimizer, torch.device(device)
         self.freeze_last_layer = freeze_last_layer
         self.capture = self.device.type == "cuda" if capture is None else capture
+        # CUDA: AdamW fused, reading lr from a device tensor. CPU (never captured): the optimizer as
+        # built (foreach), its lr a number written each step, so the twin matches the plain step bit for bit.
+        self.tensor_lr = self.device.type == "cuda"
         # per-step host values, written by fill_ before each step (see the module docstring)
         self.lr = torch.zeros((), dtype=torch.float32, device=self.device)
         self.decay = torch.ones((), dtype=torch.float32, device=self.device)  # 1 - lr * wd
         self.momentum = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._groups: list[dict] = []
         self._decayed: list[dict] = []
         self._install()
         optimizer.register_step_pre_hook(self._weight_decay)
@@ -100,19 +107,21 @@ class CudaGraphStep:
 
     # ------------------------------------------------------------------ optimizer
     def _install(self) -> bool:
-        """Put the lr tensor, weight decay 0 (applied by the pre-hook) and fused, capturable AdamW
-        into the optimizer's groups; True when something had replaced them (a ``load_state_dict``,
+        """Weight decay 0 in the decayed groups (the pre-hook applies it) and, on CUDA, the lr tensor
+        and fused, capturable AdamW; True when the groups had been replaced (a ``load_state_dict``,
         which brings new groups and new state tensors)."""
         groups = self.optimizer.param_groups
-        if all(g["lr"] is self.lr for g in groups):
+        if len(groups) == len(self._groups) and all(a is b for a, b in zip(groups, self._groups)):
             return False
+        self._groups = list(groups)
         self._decayed = [g for g in groups if not g.get("no_decay", False)]  # set_schedule_'s decayed groups
-        for g in groups:
-            g.update(lr=self.lr, fused=True, foreach=False, capturable=True)
         for g in self._decayed:
             g["weight_decay"] = 0.0
-        # the warm-up steps run it uncaptured on purpose (torch warns once about capturable=True then)
-        self.optimizer._warned_capturable_if_run_uncaptured = True
+        if self.tensor_lr:
+            for g in groups:
+                g.update(lr=self.lr, fused=True, foreach=False, capturable=True)
+            # the warm-up steps run it uncaptured on purpose (torch warns once about capturable=True then)
+            self.optimizer._warned_capturable_if_run_uncaptured = True
         return True
 
     def _weight_decay(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -128,6 +137,9 @@ class CudaGraphStep:
         if self._install():
             self._drop("the optimizer's groups and state were replaced (a load)")
         self.lr.fill_(v.lr)
+        if not self.tensor_lr:
+            for g in self._groups:
+                g["lr"] = v.lr
         self.decay.fill_(1.0 - v.lr * v.wd)  # in double on the host, rounded once, as foreach AdamW's scalar
         self.momentum.fill_(v.momentum)
         key = (tuple(tuple((tuple(x.shape), x.dtype, x.device) for x in views) for views in micro_batches),
@@ -139,7 +151,8 @@ class CudaGraphStep:
             self._drop()
             self._key = key
             self._inputs = [[torch.empty_like(x) for x in views] for views in micro_batches]
-        torch._foreach_copy_([x for views in self._inputs for x in views], [x for views in micro_batches for x in views])
+        torch._foreach_copy_([x for views in self._inputs for x in views],  # the views into the static buffers
+                             [x for views in micro_batches for x in views])
         if not self.capture:
             return self._eager(v)
         if self._graph is None and self._warm < self.WARMUP_STEPS:

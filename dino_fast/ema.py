@@ -5,8 +5,9 @@ Two implementations of the same update:
 
 - ``"triton"``: one launch over the whole list (:func:`dino_fast.ops.multi_tensor_ema_`);
   the momentum may be a device tensor, read on the device.
-- ``"foreach"``: ``torch._foreach_lerp_`` (or ``_foreach_mul_`` + ``_foreach_add_`` when the
-  momentum is a tensor, since ``_foreach_lerp_`` would turn a tensor weight into a host scalar).
+- ``"foreach"``: ``_foreach_mul_`` + ``_foreach_add_`` (``_foreach_lerp_`` would turn a tensor
+  weight into a host scalar), with the same fp32 ``m`` and ``1 - m`` for a number as for a tensor
+  momentum, so that a graphed step (momentum in a device tensor) and an eager one agree bit for bit.
 
 FSDP2 (DTensor) parameters are updated through their local shards: the update is elementwise
 and student and teacher are sharded alike, so no gather is needed.
@@ -23,6 +24,7 @@ import logging
 import weakref
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,11 +78,12 @@ def _foreach_ema_(teacher: list[torch.Tensor], student: list[torch.Tensor], mome
         if momentum.device != teacher[0].device:
             raise ValueError(f"update_teacher_: momentum tensor is on {momentum.device}, "
                              f"parameters on {teacher[0].device}")
-        m = momentum.reshape(())
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, torch._foreach_mul(student, 1.0 - m))
-    else:
-        torch._foreach_lerp_(teacher, student, 1.0 - float(momentum))
+        m, w = momentum.reshape(()), 1.0 - momentum.reshape(())
+    else:  # the same fp32 numbers as a tensor momentum (and the kernel): m, then 1 - m in fp32
+        m = float(np.float32(momentum))
+        w = float(np.float32(1.0) - np.float32(m))
+    torch._foreach_mul_(teacher, m)
+    torch._foreach_add_(teacher, torch._foreach_mul(student, w))
     if copies:
         torch._foreach_copy_(list(copies), teacher[:len(copies)])  # rounded to nearest even
 

@@ -226,7 +226,6 @@ class Trainer:
                 self.resume(self.cfg.resume)
             if self.main:  # the resolved config beside the run: `--config <output_dir>/config.yaml` reads it
                 write_config(self.cfg, self.out / "config.yaml")
-            if self.main:
                 for line in self.describe():
                     log.info("%s", line)
             return self._loop(stop)

@@ -217,7 +217,7 @@ def test_copies_errors(device):
     with pytest.raises(TypeError, match=r"copies\[1\] is torch.float16"):
         multi_tensor_ema_(t, s, 0.5, copies=[torch.empty(4, dtype=bf, device=device),
                                              torch.empty(6, dtype=torch.float16, device=device)], cache={})
-    with pytest.raises(ValueError, match=r"copies\[1\] \(2, 3\).*teacher\[1\]'s shape \(6,\)"):
+    with pytest.raises(ValueError, match=r"copies\[1\] \(\(2, 3\) on .*teacher\[1\]'s shape \(6,\)"):
         multi_tensor_ema_(t, s, 0.5, copies=[torch.empty(4, dtype=bf, device=device),
                                              torch.empty(2, 3, dtype=bf, device=device)], cache={})
     assert torch.equal(t[0], torch.zeros(4, device=device)), "a rejected call must not write"
@@ -262,6 +262,57 @@ def test_teacher_ema_modules(device, impl, wrapper):
         assert_close(p, old[n], name=n)
     assert torch.equal(teacher_net.steps, torch.full((2,), 3.0, device=device)), "buffers are not EMA'd"
     assert not any(p.grad is not None for p in student_net.parameters())
+
+
+def _dino_pair():
+    """A small DINO student / teacher (ViT with the bf16 stream + DINO head, as build_models makes)."""
+    from dino_fast.models import DINOHead, MultiCropWrapper, build_backbone
+
+    def wrapper():
+        torch.manual_seed(0)
+        backbone = build_backbone("vit_tiny", 16, depth=2, img_size=32, low_precision_stream=True, attn_backend="sdpa")
+        return MultiCropWrapper(backbone, DINOHead(192, 300, hidden_dim=64, bottleneck_dim=32), packed=True)
+
+    student, teacher = wrapper(), wrapper()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return student, teacher.requires_grad_(False)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "triton"])
+def test_teacher_forward_on_the_compute_copy_equals_autocast(impl):
+    """TeacherEMA(compute_dtype=bf16): the teacher's forward runs on a copy whose linear, conv and
+    LayerNorm parameters are bf16 tensors the EMA writes (poisoned with NaN first: each is written
+    by the step), the weight-normed last layer, tokens and position embedding the teacher's own
+    fp32 ones; under bf16 autocast its outputs equal the fp32 teacher's bit for bit (autocast casts
+    to nearest even too). A state-dict load into the teacher refreshes the copy."""
+    if impl == "triton" and not ops.triton_usable("cpu"):
+        pytest.skip("triton unusable here")
+    student, teacher = _dino_pair()
+    ema = TeacherEMA(student, teacher, impl=impl, compute_dtype=torch.bfloat16)
+    copy = ema.forward_teacher
+    assert copy is not teacher
+    bf16 = {n for n, p in copy.named_parameters() if p.dtype == torch.bfloat16}
+    assert "head.mlp.0.weight" in bf16 and "backbone.blocks.0.attn.qkv.weight" in bf16 and "backbone.norm.bias" in bf16
+    shared = {n for n, p in copy.named_parameters() if p is dict(teacher.named_parameters())[n]}
+    assert shared == {"backbone.cls_token", "backbone.pos_embed", "head.last_layer.weight_g",
+                      "head.last_layer.weight_v"}, shared
+    with torch.no_grad():
+        for n, p in copy.named_parameters():
+            if n in bf16:
+                p.fill_(float("nan"))
+    views = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    for m in (0.9, torch.tensor(0.5)):
+        ema.step(m)
+        with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+            assert torch.equal(copy(views), teacher(views))
+    teacher.load_state_dict(student.state_dict())  # e.g. a resume: the copy follows (a load hook)
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        assert torch.equal(copy(views), teacher(views))
+        assert torch.equal(copy(views), student(views))
+    assert TeacherEMA(student, teacher, impl=impl).forward_teacher is teacher  # no compute dtype: no copy
+    assert TeacherEMA(student, teacher, impl=impl, compute_dtype=torch.float32).forward_teacher is teacher
 
 
 def test_teacher_ema_mismatch_errors():

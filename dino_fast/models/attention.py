@@ -310,22 +310,28 @@ class Attention(_TimmAttention):
         q, k and v come from three GEMMs on the row blocks of the fused ``qkv`` weight (same
         parameters and keys): each is then a contiguous (T, H, Dh) tensor, the layout the kernels
         read, where slices of one fused output would be strided views that need a copy each."""
-        B, N, _ = x.shape
-        fn = _vl.get_varlen_attn(x.device)
         if torch.is_autocast_enabled(x.device.type):  # one cast for the three GEMMs (autocast would cast per GEMM)
             x = x.to(torch.get_autocast_dtype(x.device.type))
         weights = self.qkv.weight.split(self.attn_dim)  # (attn_dim, C) x 3: views, one SplitBackward
         biases = (None,) * 3 if self.qkv.bias is None else self.qkv.bias.split(self.attn_dim)
-        q, k, v = (F.linear(x, w, b).view(B * N, self.num_heads, self.head_dim)  # (T, H, Dh) each
-                   for w, b in zip(weights, biases))
+        q, k, v = (F.linear(x, w, b) for w, b in zip(weights, biases))
+        return self.varlen_qkv(q, k, v, seqs)
+
+    def varlen_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqlens | None
+                   ) -> torch.Tensor:
+        """Attention of contiguous (B, N, H * Dh) q, k, v through one varlen call (the packed row's
+        segments, or B segments of N tokens) -> (B, N, H * Dh), before ``norm`` and ``proj``."""
+        B, N, _ = q.shape
+        fn = _vl.get_varlen_attn(q.device)
         if fn is _vl._VARLEN.get("fn") and v.dtype not in _HALF:
             raise ValueError(f"the varlen backend (flash) needs fp16/bf16 q/k/v, got {v.dtype}; "
                              "use autocast, or backend 'sdpa' / 'auto'")
+        q, k, v = (t.view(B * N, self.num_heads, self.head_dim) for t in (q, k, v))  # (T, H, Dh) each
         q, k = self._qk_norm(q, k, v.dtype)
         if seqs is None:  # built on device: no host copy per call
-            cu, max_len = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=x.device), N
+            cu, max_len = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device), N
         else:
-            cu, max_len = seqs.cu_seqlens(x.device), seqs.max_seqlen
+            cu, max_len = seqs.cu_seqlens(q.device), seqs.max_seqlen
         out = _vl.varlen_attention(fn, q, k, v, cu, max_len, self.scale)  # (T, H, Dh)
         return out.reshape(B, N, self.attn_dim)
 

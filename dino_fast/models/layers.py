@@ -132,21 +132,35 @@ def _linear_backward(g: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, h
     return grad_in, (in2.t() @ g2).t(), g2.sum(0) if has_bias else None
 
 
+# Function inputs: the tensors first, None left out, then one non-tensor spec. (The fake-CUDA
+# trace's backward pairs a Function's gradients with its tensor inputs in order, as the engine
+# does for tensor inputs; a None or a number among them would shift the pairs.)
+def _present(tensors: list[torch.Tensor | None]) -> tuple[list[torch.Tensor], tuple[bool, ...]]:
+    return [t for t in tensors if t is not None], tuple(t is not None for t in tensors)
+
+
+def _restore(present: list[torch.Tensor], which: tuple[bool, ...]) -> list[torch.Tensor | None]:
+    it = iter(present)
+    return [next(it) if here else None for here in which]
+
+
 class _NormLinears(torch.autograd.Function):
     """outs[i] = F.linear(norm(x), W_i, b_i), saving x (not norm(x)) for backward."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, norm_b, eps, n, *wb):  # noqa: ANN001
-        weights, biases = wb[:n], wb[n:]
+    def forward(ctx, x, *args):  # noqa: ANN001  (args: norm weight, norm bias, W_1..n, b_1..n present; spec)
+        *present, (eps, n, which) = args
+        norm_w, norm_b, *wb = _restore(present, which)
         y = _ln(x, norm_w, norm_b, eps)[0]
-        outs = tuple(F.linear(y, w, b) for w, b in zip(weights, biases))  # under the caller's autocast
-        ctx.eps, ctx.n = eps, n
-        ctx.save_for_backward(x, norm_w, norm_b, *weights, *biases)
+        outs = tuple(F.linear(y, w, b) for w, b in zip(wb[:n], wb[n:]))  # under the caller's autocast
+        ctx.eps, ctx.n, ctx.which = eps, n, which
+        ctx.save_for_backward(x, *present)
         return outs
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001
-        x, norm_w, norm_b, *wb = ctx.saved_tensors
+        x, *present = ctx.saved_tensors
+        norm_w, norm_b, *wb = _restore(present, ctx.which)
         weights, biases = wb[:ctx.n], wb[ctx.n:]
         with torch.autocast(x.device.type, enabled=False):
             y, mean, rstd = _ln(x, norm_w, norm_b, ctx.eps)  # 1. rebuild norm(x)
@@ -157,25 +171,28 @@ class _NormLinears(torch.autograd.Function):
                     grad_y = gi if grad_y is None else grad_y + gi
                 grad_w.append(gw)
                 grad_b.append(gb)
-            mask = [ctx.needs_input_grad[0], norm_w is not None and ctx.needs_input_grad[1],
-                    norm_b is not None and ctx.needs_input_grad[2]]
+            mask = [ctx.needs_input_grad[0], norm_w is not None, norm_b is not None]
             gx, gnw, gnb = torch.ops.aten.native_layer_norm_backward(  # 3. the norm
                 grad_y.to(y.dtype), x, x.shape[-1:], mean, rstd, _cast(norm_w, x.dtype), _cast(norm_b, x.dtype), mask)
-        return gx, gnw, gnb, None, None, *grad_w, *grad_b
+        grads_in = [gnw, gnb, *grad_w, *grad_b]
+        return gx, *(g for g, here in zip(grads_in, ctx.which) if here), None
 
 
 def norm_linears(x: torch.Tensor, norm: nn.LayerNorm, weights: list[torch.Tensor],
                  biases: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
     """``tuple(F.linear(norm(x), w, b) for w, b in zip(weights, biases))``, keeping ``x`` instead
     of ``norm(x)`` for backward (check :func:`recomputable_norm` first)."""
-    return _NormLinears.apply(x, norm.weight, norm.bias, norm.eps, len(weights), *weights, *biases)
+    present, which = _present([norm.weight, norm.bias, *weights, *biases])
+    return _NormLinears.apply(x, *present, (norm.eps, len(weights), which))
 
 
 class _ActLinear(torch.autograd.Function):
     """F.linear(act(h), W, b) with act a GELU, saving h (not act(h)) for backward."""
 
     @staticmethod
-    def forward(ctx, h, approximate, weight, bias):  # noqa: ANN001
+    def forward(ctx, h, weight, *args):  # noqa: ANN001  (args: the bias if any; spec)
+        *bias, approximate = args
+        bias = bias[0] if bias else None
         a = F.gelu(h, approximate=approximate)  # under the caller's autocast, as nn.GELU
         ctx.approximate, ctx.act_dtype = approximate, a.dtype
         ctx.save_for_backward(h, weight, bias)
@@ -189,9 +206,9 @@ class _ActLinear(torch.autograd.Function):
             a = F.gelu(hc, approximate=ctx.approximate)  # 1. rebuild act(h)
             grad_a, grad_w, grad_b = _linear_backward(g, a.to(g.dtype), weight, bias is not None)  # 2. the linear
             grad_h = torch.ops.aten.gelu_backward(grad_a.to(hc.dtype), hc, approximate=ctx.approximate)  # 3. act
-        return grad_h.to(h.dtype), None, grad_w, grad_b
+        return grad_h.to(h.dtype), grad_w, *([grad_b] if bias is not None else []), None
 
 
 def act_linear(h: torch.Tensor, act: nn.GELU, linear: nn.Linear) -> torch.Tensor:
     """``linear(act(h))``, keeping ``h`` instead of ``act(h)`` for backward."""
-    return _ActLinear.apply(h, act.approximate, linear.weight, linear.bias)
+    return _ActLinear.apply(h, linear.weight, *([linear.bias] if linear.bias is not None else []), act.approximate)

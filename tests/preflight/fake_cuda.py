@@ -13,6 +13,9 @@ What had to be patched, and why (torch 2.14, a CUDA build with no GPU):
   through :func:`backward` below, a Python walk of the same autograd graph (the engine's
   accumulation, shape reduction and dtype cast per edge; no hooks: the step registers none).
 - ``aten._pin_memory`` is not implemented by FakeTensorMode; pinning a host buffer is a no-op here.
+- ``aten._fused_adamw_.tensor_lr`` (fused AdamW reading its lr from a tensor: the ``cuda_graphs``
+  step) has no Meta kernel in torch 2.14 (the float-lr overload has one); an in-place op with no
+  output, so a Meta kernel that does nothing is its fake (:func:`_meta_kernels`).
 - Modules cannot be moved to a fake device (``Module._apply`` swaps fake parameters and the swap
   refuses FakeTensorMode's weak references), so :func:`to_fake_cuda_` replaces each parameter and
   buffer by a fake CUDA tensor of the same shape, dtype and ``requires_grad``.
@@ -56,7 +59,12 @@ def backward(loss: torch.Tensor) -> None:
         given = grads.pop(node, {})
         args = [given.get(i) for i in range(len(node._input_metadata))]
         out = node(*args) if callable(node) else node.apply(*args)  # C++ node, or a Python Function's
-        for (nxt, nr), g in zip(node.next_functions, out if isinstance(out, tuple) else (out,)):
+        out = out if isinstance(out, tuple) else (out,)
+        edges = node.next_functions
+        if len(out) != len(edges):  # a Python Function: a grad per forward input, tensor or not
+            edges = [e for e in edges if e[0] is not None]  # the inputs that need a grad, in order
+            out = tuple(g for g, need in zip(out, node.needs_input_grad) if need)
+        for (nxt, nr), g in zip(edges, out):
             if nxt is None or g is None:
                 continue
             meta = nxt._input_metadata[nr]
@@ -133,9 +141,22 @@ def to_fake_cuda_(module: nn.Module, memo: dict[int, nn.Parameter] | None = None
     return module
 
 
+_META_LIBS: list[torch.library.Library] = []  # kept alive: a Library unregisters its kernels when collected
+
+
+def _meta_kernels() -> None:
+    """No-op Meta kernels for in-place ops torch leaves without one (see the module docstring)."""
+    for op in ("_fused_adamw_.tensor_lr", "_fused_adam_.tensor_lr"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", "Meta"):
+            if not _META_LIBS:
+                _META_LIBS.append(torch.library.Library("aten", "IMPL"))
+            _META_LIBS[0].impl(op, lambda *args, **kwargs: None, "Meta")
+
+
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[FakeTensorMode]:
     """FakeTensorMode with a fake H100 as ``cuda:0`` (see the module docstring for each patch)."""
+    _meta_kernels()
     answers = {"is_available": lambda: True, "is_bf16_supported": lambda *a, **k: True, "current_device": lambda: 0,
                "device_count": lambda: 1, "get_device_capability": lambda *a, **k: (H100.major, H100.minor),
                "get_device_properties": lambda *a, **k: H100}

@@ -17,6 +17,7 @@ import torch
 
 from dino_fast.config import TrainConfig
 from dino_fast.models import build_models
+from dino_fast.precision import resolve_compute_dtype
 from dino_fast.train import Trainer
 from tests.preflight.fake_cuda import StepRecorder, fake_cuda, to_fake_cuda_
 
@@ -37,8 +38,8 @@ def _config(loss_impl: str) -> TrainConfig:
 def _models(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Student and teacher built by ``build_models`` on "meta" (no memory, no init cost), before the
     fake device: ``build_models(cfg, "cuda")`` cannot move fake parameters (fake_cuda.py)."""
-    with torch.device("meta"):
-        return build_models(cfg, torch.device("meta"))
+    with torch.device("meta"):  # the run's compute dtype: the bf16 stream and what goes with it, as a run builds them
+        return build_models(cfg, torch.device("meta"), resolve_compute_dtype(cfg.precision, torch.device("cuda")))
 
 
 def _trainer(cfg: TrainConfig, student: torch.nn.Module, teacher: torch.nn.Module) -> Trainer:
