@@ -59,10 +59,19 @@ ROWS: dict[str, list[str]] = {
     "sk_koleo": ["--koleo_weight", "0.1"],
 }
 DATASETS = ("tin10", "tin10-half-a", "tin10-half-b", "tin10-32px")
-RUN_COLUMNS = ["data", "row", "seed", "steps", "knn_init", "knn_5", "min_5", "knn_10", "min_10", "knn_end", "min_end",
-               "loss_start", "loss_min", "loss_end", "train_min", "wall_min", "rc", "reason", "flags"]
-TABLE_COLUMNS = ["row", "seeds", "steps", "knn_init", "knn_5", "knn_10", "knn_end", "loss (start -> min -> end)",
-                 "train_min", "flags"]
+
+
+def run_columns(marks: Sequence[float]) -> list[str]:
+    """Columns of ``accuracy_<data>``: one row per run."""
+    return (["data", "row", "seed", "steps", "knn_init"] + [f"{c}_{m:g}" for m in marks for c in ("knn", "min")]
+            + ["knn_end", "min_end", "loss_start", "loss_min", "loss_end", "train_min", "wall_min", "rc", "reason",
+               "flags"])
+
+
+def table_columns(marks: Sequence[float]) -> list[str]:
+    """Columns of ``accuracy_<data>_table``: one row per named row, the mean over its seeds."""
+    return (["row", "seeds", "steps", "knn_init"] + [f"knn_{m:g}" for m in marks]
+            + ["knn_end", "loss (start -> min -> end)", "train_min", "flags"])
 
 
 # --- datasets --------------------------------------------------------------------------------------
@@ -87,9 +96,10 @@ def make_dataset(name: str, source: Path, cache: Path) -> tuple[Path, Path]:
         classes = class_order(source)
         if name.startswith("tin10-half"):
             keep = classes[:5] if name.endswith("-a") else classes[5:10]
-            for split in ("train", "val"):
-                for c in keep:
-                    shutil.copytree(source / split / c, dest / split / c)
+            for src in sorted(p for split in ("train", "val") for c in keep for p in (source / split / c).rglob("*")
+                              if p.is_file()):  # file by file: a read-only source's modes are not copied
+                (dest / src.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest / src.relative_to(source))
         else:  # tin10-32px
             from PIL import Image
 
@@ -230,9 +240,11 @@ def train_command(train: Path, val: Path, out: Path, seed: int, minutes: float, 
 
 def run_training(cmd: list[str], log: Path, timeout_s: float) -> tuple[int, str | None]:
     """Run one training to its end (its output in ``log``); (exit status, why it failed or None)."""
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's dino_fast, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, env=env).returncode
         except subprocess.TimeoutExpired:
             return -9, f"killed after {timeout_s / 60:.0f} min"
     if rc == 0:
@@ -253,8 +265,8 @@ class Campaign:
                  f"--config {PRESET} --time_budget_min {args.minutes:g} --knn_every_min {args.knn_every_min:g}` + "
                  f"each row's flags, one after the other; cells: the teacher's 20-NN top-1 (%) on val, mean over "
                  f"seeds (each seed; training minute); {px}")
-        self.runs = Results(f"accuracy_{data}", RUN_COLUMNS, notes, out_dir=args.out)
-        self.table = Results(f"accuracy_{data}_table", TABLE_COLUMNS, notes, out_dir=args.out)
+        self.runs = Results(f"accuracy_{data}", run_columns(args.marks), notes, out_dir=args.out)
+        self.table = Results(f"accuracy_{data}_table", table_columns(args.marks), notes, out_dir=args.out)
         self.table.replace(table_rows([], pixels, args.marks))
 
     def run_one(self, row: str, flags: list[str], seed: int) -> dict[str, Any]:
@@ -325,7 +337,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--cache {cache} is inside the repository or the shared data: give a temp folder")
     if not (source / "train").is_dir():
         raise SystemExit(f"--source {source}: no train/ folder (tiny-imagenet-10, see ../shared/data/README.md)")
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     for data in args.data:
         train, val = make_dataset(data, source, cache)
         pixels = None if args.no_pixels else pixel_knn(train, val)

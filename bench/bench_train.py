@@ -285,35 +285,37 @@ def bench_preset(args: argparse.Namespace, data: Path, device: torch.device) -> 
     phases and top ops (bench/train_preset.py)."""
     from dino_fast.models import arch_family
     from dino_fast.train import Trainer
-    from bench.train_preset import (OpCounter, cpu_seconds, gemm_gflops, interleaved, load_average, parse_variant,
-                                    phase_rows, preset_config, preset_results, threads, timing_row)
+    from bench.train_preset import (OpCounter, apply_run_keys, cpu_seconds, interleaved, load_average, model_gemm,
+                                    parse_variant, phase_rows, preset_config, preset_results, settle, threads,
+                                    timing_row)
 
     results, phases, profile = preset_results(args, device)
-    variants = [parse_variant(v) for v in args.variants]
     with tempfile.TemporaryDirectory() as tmp:
         def build(mode: str, name: str, over: dict[str, Any], batch: int = 0) -> dict[str, Any]:
             cfg = preset_config(args.preset, over, str(data), str(Path(tmp) / f"{mode}-{name}-{batch}"), batch)
             trainer = Trainer(cfg, device=device)
-            run = dict(trainer=trainer, it=batches(trainer, mode, device), over=over)
+            apply_run_keys(trainer, over)
+            run, t0 = dict(trainer=trainer, it=batches(trainer, mode, device), over=over), time.perf_counter()
             with threads(over.get("threads")):
-                t0 = time.perf_counter()
                 run_steps(trainer, run["it"], args.warmup)
             return {**run, "warmup_s": time.perf_counter() - t0}
 
         def timed(run: dict[str, Any]) -> tuple[float, float, float | None]:
+            settle()  # the loader threads of the variant before have filled their queues
             with threads(run["over"].get("threads")):
-                c0 = cpu_seconds()
-                wall = run_steps(run["trainer"], run["it"], args.steps)
+                run_steps(run["trainer"], run["it"], 1)  # untimed: the switch from the variant before costs here
+                c0, wall = cpu_seconds(), run_steps(run["trainer"], run["it"], args.steps)
                 return wall / args.steps, (cpu_seconds() - c0) / args.steps, load_average()
 
+        variants = [parse_variant(v) for v in args.variants]  # a misspelt name stops here, before any build
         runs = {(mode, name): build(mode, name, over) for mode in args.modes for name, over in variants}
         times = interleaved({key: (lambda r=run: timed(r)) for key, run in runs.items()}, args.rounds)
         for (mode, name), run in runs.items():
             trainer, it, over, cfg = run["trainer"], run["it"], run["over"], run["trainer"].cfg
-            vit = arch_family(cfg.arch) == "vit"
-            fwd = forward_flops(cfg) if vit else (0, 0)
+            fwd = forward_flops(cfg) if arch_family(cfg.arch) == "vit" else (0, 0)
             row = timing_row(mode, name, over, trainer, times[(mode, name)], run["warmup_s"], fwd)
             with threads(over.get("threads")):
+                settle()
                 timer, ops, small = phase_pass(trainer, it, args.steps), None, None
                 if not cfg.compile:  # a dispatch mode under a compiled graph would time something else
                     ops = phase_pass(trainer, it, 1, OpCounter()).per_step_ops(1)
@@ -323,21 +325,19 @@ def bench_preset(args: argparse.Namespace, data: Path, device: torch.device) -> 
                     small = phase_pass(tiny["trainer"], tiny["it"], args.steps).per_step_ms(args.steps)
                     row["step_ms_small_batch"] = sum(small.values())
                     tiny["it"].close()
-                dim = getattr(trainer.student.backbone, "embed_dim", 0)
-                tokens = cfg.batch_size_per_gpu * (1 + (cfg.global_crops_size // cfg.patch_size) ** 2)
-                gemm = gemm_gflops(tokens, dim, 4 * dim, trainer.compute_dtype, device) if vit and dim else 0.0
+                gemm = model_gemm(trainer)
                 if profile is not None:
                     summary: dict[str, Any] = {}
                     top = profile_steps(trainer, it, args.profile, top=25, summary=summary)
                     profile.add(*[{"mode": mode, "variant": name, **r} for r in top])
                     row.update(summary)
             results.add(row)
-            phases.add(*phase_rows({"mode": mode, "variant": name}, timer.per_step_ms(args.steps), ops, small, fwd, gemm))
+            phases.add(*phase_rows({"mode": mode, "variant": name}, timer.per_step_ms(args.steps), ops, small, fwd,
+                                   gemm))
         for run in runs.values():
             run["it"].close()  # stops the loader's feeder thread
-    for r in (results, phases, profile):
-        if r is not None:
-            r.close()
+    for r in filter(None, (results, phases, profile)):
+        r.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -362,24 +362,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsdp", action="store_true", help="run the FSDP2 code path (one rank)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps, compile included (default: GPU 10, CPU 1, "
                    "--preset 3)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps of each pass (default: GPU 20, CPU 2, --preset 5)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per pass (GPU 20, CPU 2, --preset 5)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s for MFU (default: bench.common.device_peaks of this GPU; "
                         "H100 SXM / H200 989)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also run torch.profiler over N steps per row and write the top kernels (train_profile)")
-    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU (default 1; --preset: torch's own)")
+    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU (1; --preset: torch's own)")
     p.add_argument("--preset", default="", help="time this preset as dino-fast train runs it, variant by variant "
                    "(bench/train_preset.py): e.g. tiny_imagenet_sk --data ../shared/data/tiny-imagenet-10/train")
     p.add_argument("--variants", nargs="+", default=["before", "after"],
-                   help="--preset: names in bench/train_preset.py VARIANTS, or name:key=value,... (config keys, threads)")
+                   help="--preset: names in bench/train_preset.py VARIANTS, or name:key=value,...")
     p.add_argument("--rounds", type=int, default=3, help="--preset: interleaved rounds of --steps steps per variant")
-    p.add_argument("--overhead-batch", type=int, default=2, help="--preset: also time each variant at this batch (0: off)")
+    p.add_argument("--overhead-batch", type=int, default=2, help="--preset: also time each variant at this batch")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = p.parse_args(argv)
-    preset_default = 3 if args.preset else 10 if cuda else 1
-    args.warmup = preset_default if args.warmup is None else args.warmup
-    args.steps = args.steps if args.steps is not None else 5 if args.preset else 20 if cuda else 2
+    args.warmup = (3 if args.preset else 10 if cuda else 1) if args.warmup is None else args.warmup
+    args.steps = (5 if args.preset else 20 if cuda else 2) if args.steps is None else args.steps
     return args
 
 

@@ -1,9 +1,11 @@
 """bench_train's preset mode (``--preset tiny_imagenet_sk``): a preset's training step as ``dino-fast
 train`` runs it, today's settings against the file as it is, and what the step is made of.
 
-A variant is a set of config overrides on top of the preset file, plus ``threads`` (torch's intra-op
-threads during its steps). The variants are timed in interleaved rounds in one process (A B A B
-...), so a shared machine's load falls on all of them alike; each row is the median of its rounds.
+A variant is a set of config overrides on top of the preset file, plus run keys that are not
+config: ``threads`` (torch's intra-op threads during its steps) and ``prefetch`` (the DALI loader's
+``prefetch_batches``: 0 runs the loader inline, between steps, instead of in its feeder thread). The
+variants are timed in interleaved rounds in one process (A B A B ...), so a shared machine's load
+falls on all of them alike; each row is the median of its rounds.
 What the step is made of, per phase (data, forward, loss, backward, optimizer, ema, other):
 milliseconds, dispatched aten ops (:class:`OpCounter`, below autograd, in a pass of its own),
 counted FLOPs and their rate against the measured GEMM rate of this machine at the model's own
@@ -18,6 +20,7 @@ import contextlib
 import os
 import resource
 import statistics
+import time
 from typing import Any, Callable, Iterator
 
 import torch
@@ -25,10 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import Results, time_fn
 
-__all__ = ["VARIANTS", "COLUMNS", "PHASE_COLUMNS", "parse_variant", "flags_of", "preset_config", "preset_notes",
-           "preset_results", "OpCounter", "gemm_gflops", "outside_ops", "phase_rows", "timing_row",
-           "add_x_before",
-           "interleaved", "median", "cpu_seconds", "load_average", "threads"]
+__all__ = ["VARIANTS", "RUN_KEYS", "COLUMNS", "PHASE_COLUMNS", "parse_variant", "flags_of", "apply_run_keys",
+           "preset_config", "preset_notes", "preset_results", "OpCounter", "gemm_gflops", "model_gemm", "outside_ops",
+           "timing_row", "add_x_before", "phase_rows", "interleaved", "median", "cpu_seconds", "settle",
+           "load_average", "threads"]
 
 # "before" pins what tiny_imagenet_sk ran at the start of 2026-12-06 (precision auto was fp32 on every
 # CPU and attention auto was sdpa; no compile; 2 loader threads), so it stays the baseline when the file
@@ -43,7 +46,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compile": dict(compile=True),
     "threads1": dict(threads=1),
     "workers1": dict(num_workers=1),
+    "inline_loader": dict(prefetch=0),
 }
+RUN_KEYS = ("threads", "prefetch")
 
 COLUMNS = ["mode", "variant", "flags", "threads", "dtype", "batch", "img_s", "x_before", "step_ms", "step_ms_min",
            "cpu_ms", "gflop_s", "ops", "profiled_ops", "outside_ops_ms", "step_ms_small_batch", "warmup_s", "load"]
@@ -63,14 +68,21 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"variant {spec!r}: {item!r} is not key=value")
-        over[key.strip()] = int(value) if key.strip() == "threads" else value.strip()
+        over[key.strip()] = int(value) if key.strip() in RUN_KEYS else value.strip()
     return name, over
 
 
 def flags_of(over: dict[str, Any]) -> str:
-    """The overrides as ``dino-fast train`` flags (``threads`` is not a flag: the process's torch threads)."""
-    return " ".join(f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in over.items()
-                    if k != "threads") or "(the preset as it is)"
+    """The overrides as ``dino-fast train`` flags; run keys (not flags) in brackets."""
+    flags = [f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in over.items() if k not in RUN_KEYS]
+    flags += [f"[{k} {v}]" for k, v in over.items() if k in RUN_KEYS]
+    return " ".join(flags) or "(the preset as it is)"
+
+
+def apply_run_keys(trainer: Any, over: dict[str, Any]) -> None:
+    """The variant's ``prefetch`` on the trainer's DALI loader (read when its next epoch starts)."""
+    if "prefetch" in over and hasattr(trainer.data.loader, "prefetch_batches"):
+        trainer.data.loader.prefetch_batches = over["prefetch"]
 
 
 def preset_config(preset: str, over: dict[str, Any], data: str, out: str, batch: int = 0) -> Any:
@@ -78,7 +90,7 @@ def preset_config(preset: str, over: dict[str, Any], data: str, out: str, batch:
     (when not 0) replaces the preset's. The head's last layer is not frozen: the steady-state update."""
     from dino_fast.config import load_config
 
-    keys = {k: v for k, v in over.items() if k != "threads"}
+    keys = {k: v for k, v in over.items() if k not in RUN_KEYS}
     return load_config(preset, {"data_path": data, "output_dir": out, "progress": False, "seed": 0,
                                 "freeze_last_layer": 0, **({"batch_size_per_gpu": batch} if batch else {}), **keys})
 
@@ -91,8 +103,9 @@ def preset_notes(args: Any, device: torch.device) -> str:
     return (f"preset {args.preset} as `dino-fast train --config {args.preset}` runs it plus each variant's flags; "
             f"{machine}; torch threads {torch.get_num_threads()} unless the variant says; {args.warmup} warm-up "
             f"steps (warmup_s, compile included), then {args.rounds} interleaved rounds of {args.steps} steps per "
-            f"variant, medians; cpu_ms = process CPU time per step (all threads); load = 1-min load average of "
-            f"the machine during the rounds (other work); x_before = img/s over the 'before' row of the same mode; "
+            f"variant (each block after the process is idle and one untimed step), medians and step_ms_min; "
+            f"cpu_ms = process CPU time per step (all threads); load = 1-min load average of the machine during the "
+            f"rounds (this process counts ~threads); x_before = img/s over the 'before' row of the same mode; "
             f"ops = aten ops dispatched per step (counted in a pass of its own; not under compile); "
             f"outside_ops_ms = profiled step time outside any top-level op (Python, autograd, hooks, profiler); "
             f"step_ms_small_batch = the same variant at batch {args.overhead_batch} (overhead that does not shrink "
@@ -131,8 +144,18 @@ def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device
     threads in force: the rate the step's compute-bound phases approach."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    ms = time_fn(lambda: a @ b, warmup=3, rep=15)
+    ms = time_fn(lambda: a @ b, warmup=10, rep=60)
     return 2 * m * k * n / ms / 1e6
+
+
+def model_gemm(trainer: Any) -> float:
+    """:func:`gemm_gflops` at the ViT's first MLP linear over the global views, (B (1 + (S/p)^2), D) @ (D, 4D),
+    in the run's compute dtype (0.0 for other archs)."""
+    cfg, dim = trainer.cfg, getattr(trainer.student.backbone, "embed_dim", 0)
+    if not dim or not hasattr(trainer.student.backbone, "patch_embed"):
+        return 0.0
+    tokens = cfg.batch_size_per_gpu * (1 + (cfg.global_crops_size // cfg.patch_size) ** 2)
+    return gemm_gflops(tokens, dim, 4 * dim, trainer.compute_dtype, trainer.device)
 
 
 def outside_ops(prof: Any, steps: int, wall_s: float) -> tuple[float, float]:
@@ -205,6 +228,18 @@ def cpu_seconds() -> float:
     """CPU seconds this process has used (all threads: compute, loader, DALI)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def settle(max_s: float = 5.0, window_s: float = 0.05) -> None:
+    """Wait until this process is idle (under 10 % of a core over ``window_s``), at most ``max_s``: the
+    loader of the variant timed before keeps filling its queues in its own threads for a while, and
+    that work must not land in the next variant's time."""
+    end = time.monotonic() + max_s
+    while time.monotonic() < end:
+        c0 = cpu_seconds()
+        time.sleep(window_s)
+        if cpu_seconds() - c0 < 0.1 * window_s:
+            return
 
 
 def load_average() -> float | None:

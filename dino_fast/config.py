@@ -110,7 +110,7 @@ class TrainConfig:
     (xcit_small_12_p16 ...: timm's) or any torchvision classification model (resnet50, resnet18,
     convnext_tiny ...); the list: python3 -c "import dino_fast.models as m; print(*m.ARCH_CHOICES)"."""
     patch_size: int = 16
-    """ViT patch size (16 or 8)."""
+    """ViT patch size (official: 16 or 8; any size the crop sizes are multiples of, e.g. 4 on 32-px crops)."""
     depth: int = 0
     """Number of transformer blocks (0: the arch's own, 12)."""
     drop_path_rate: float = 0.1
@@ -197,7 +197,7 @@ class TrainConfig:
     data_backend: str = "auto"
     """Loader: auto (DALI where it is installed, on GPU or CPU) | dali | torchvision."""
     precision: str = "auto"
-    """The compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32;
+    """The compute dtype: auto (bf16 autocast on CUDA and on CPUs with AMX-BF16, else fp32) | bf16 | fp16 (with GradScaler) | fp32;
     training, the loader's views and the evaluations all use it (``use_fp16 true`` sets fp16)."""
     compile: bool = False
     """torch.compile each model's forward as one graph (student over all crops, teacher over the globals,
@@ -262,8 +262,6 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config {name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
-        if self.patch_size not in (8, 16):
-            raise ConfigError(f"config patch_size={self.patch_size}: must be 8 or 16")
         for name in ("global_crops_scale", "local_crops_scale"):
             if len(getattr(self, name)) != 2 or not 0 < getattr(self, name)[0] <= getattr(self, name)[1] <= 1:
                 raise ConfigError(f"config {name}={getattr(self, name)}: need two numbers 0 < low <= high <= 1")

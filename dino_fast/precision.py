@@ -8,19 +8,36 @@ import os
 
 import torch
 
-__all__ = ["PRECISIONS", "resolve_compute_dtype", "autocast", "configure_determinism"]
+__all__ = ["PRECISIONS", "cpu_has_amx_bf16", "resolve_compute_dtype", "autocast", "configure_determinism"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def cpu_has_amx_bf16() -> bool:
+    """True when this CPU has AMX-BF16 tile units (Intel Xeon 4th generation, Sapphire Rapids, and later), as
+    torch's own CPU capability query (``torch.cpu.get_capabilities``, cpuinfo) reports it; False where that
+    query is missing or fails."""
+    query = getattr(torch.cpu, "get_capabilities", None)
+    try:
+        return bool(query is not None and query().get("amx_bf16", False))
+    except Exception:  # noqa: BLE001 - an unknown CPU is treated as one without AMX
+        return False
+
+
 def resolve_compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     """``precision`` (auto | bf16 | fp16 | fp32) on ``device`` -> the dtype matmuls run in.
 
-    auto: bf16 on CUDA, fp32 elsewhere (CPU autocast to bf16 is slower than fp32 on most CPUs)."""
+    auto: bf16 on CUDA and on CPUs with AMX-BF16 (:func:`cpu_has_amx_bf16`), fp32 on other CPUs. With AMX the
+    matmuls run on the tile units: the tiny_imagenet_sk step ran 1.5-1.9x faster in bf16 than in fp32 (2 Xeon
+    cores, math attention: bench/results/train_tiny_imagenet_sk-cpu-2026-12-06) and its loss followed the
+    fp32 run's to 1e-4 over 156 steps. Without AMX fp32 stays: with the AVX2 kernels the same bf16 step
+    took 30x the fp32 one."""
     device = torch.device(device)
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16()):
+            return torch.bfloat16
+        return torch.float32
     try:
         return _DTYPES[precision]
     except KeyError:

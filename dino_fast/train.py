@@ -1,4 +1,4 @@
-"""The DINO trainer: one process per device (``python`` or ``torchrun``), bf16 on CUDA, fp32 on CPU.
+"""The DINO trainer: one process per device (``python`` or ``torchrun``); bf16 on CUDA (and on AMX CPUs), else fp32.
 
 Data flows one way: loader -> views -> teacher (2 globals) and student (all views) -> DINO loss
 -> backward (x accum_steps) -> clip -> optimizer -> teacher EMA -> center -> log / checkpoint.

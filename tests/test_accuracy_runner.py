@@ -103,6 +103,8 @@ def test_campaign_writes_table_and_json_after_every_run(tmp_path):
     assert table["rows"][1]["knn_end"] == "28.8"
     md = campaign.table.md_path.read_text()
     assert "| sk | 0 1 | 100 |" in md and "PARTIAL" not in md
+    assert "| knn_init | knn_5 | knn_10 | knn_end |" in md  # a column per --marks minute
+    assert "| knn_5 | min_5 | knn_10 | min_10 | knn_end |" in campaign.runs.md_path.read_text()
     cmd = commands[-1]
     assert cmd[cmd.index("--config") + 1] == "tiny_imagenet_sk" and cmd[-2:] == ["--local_crops_number", "4"]
     assert cmd[cmd.index("--time_budget_min") + 1] == "20" and cmd[cmd.index("--knn_every_min") + 1] == "5"
@@ -110,7 +112,7 @@ def test_campaign_writes_table_and_json_after_every_run(tmp_path):
 
 def test_a_failed_run_is_a_row_with_its_reason(tmp_path):
     campaign = Campaign("tin10", tmp_path / "train", tmp_path / "val", None, _args(tmp_path),
-                        run=lambda cmd, log, t: (2, "ConfigError: config patch_size=4: must be 8 or 16"))
+                        run=lambda cmd, log, t: (2, "ConfigError: config patch_size=4: an error the run printed"))
     campaign.run_one("patch4", ["--patch_size", "4"], 0)
     row = json.loads(campaign.runs.json_path.read_text())["rows"][0]
     assert row["rc"] == 2 and "patch_size=4" in row["reason"]
@@ -118,16 +120,16 @@ def test_a_failed_run_is_a_row_with_its_reason(tmp_path):
     assert table[0]["seeds"] == "none finished" and "patch_size=4" in table[0]["knn_end"]
 
 
-def _tiny_source(root: Path, per_class: int = 3) -> list[str]:
-    """10 classes of 64-px JPEGs, each class a flat colour plus noise; classes.txt in an order that is not
-    the sorted one (the halves follow classes.txt)."""
+def _tiny_source(root: Path, per_class: int = 3, noise: float = 8.0) -> list[str]:
+    """10 classes of 64-px JPEGs, each class a flat colour plus noise (per image and per pixel);
+    classes.txt in an order that is not the sorted one (the halves follow classes.txt)."""
     names = [f"n{9 - i:08d}" for i in range(10)]  # descending: classes.txt order != sorted order
     rng = np.random.default_rng(0)
     for i, name in enumerate(names):
         for split in ("train", "val"):
             (root / split / name).mkdir(parents=True)
             for j in range(per_class):
-                colour = np.array([25 * i, 255 - 25 * i, (97 * i) % 256], np.float32)
+                colour = np.array([25 * i, 255 - 25 * i, (97 * i) % 256], np.float32) + rng.normal(0, noise, 3)
                 img = np.clip(colour + rng.normal(0, 8, (64, 64, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(root / split / name / f"{split}_{j}.JPEG")
     (root / "classes.txt").write_text("".join(f"{n}\tclass {i}\n" for i, n in enumerate(names)))
@@ -154,10 +156,7 @@ def test_derived_datasets(tmp_path):
 
 def test_pixel_knn_matches_a_plain_loop(tmp_path):
     """Both votes against a per-image loop written from the definition (numpy, no torch)."""
-    _tiny_source(tmp_path / "src", per_class=4)
-    rng = np.random.default_rng(1)
-    for f in (tmp_path / "src" / "val").rglob("*.JPEG"):  # val photos of random colours: not all right
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(f)
+    _tiny_source(tmp_path / "src", per_class=6, noise=60.0)  # classes that overlap: the votes differ
     got = pixel_knn(tmp_path / "src" / "train", tmp_path / "src" / "val", k=5)
 
     def load(split):
@@ -177,6 +176,7 @@ def test_pixel_knn_matches_a_plain_loop(tmp_path):
         near = np.argsort(-sim, kind="stable")[:5]
         maj += np.bincount(yt[near], minlength=10).argmax() == y
         wei += np.bincount(yt[near], weights=np.exp(sim[near] / 0.07), minlength=10).argmax() == y
+    assert 10 < 100 * maj / len(yv) < 90 and maj != wei  # neither trivial nor the same as the other vote
     assert got["majority"] == pytest.approx(100 * maj / len(yv), abs=1e-6)
     assert got["weighted"] == pytest.approx(100 * wei / len(yv), abs=1e-6)
 

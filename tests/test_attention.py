@@ -406,11 +406,11 @@ def test_no_attention_dropout_on_varlen_and_flex(backend, twins):
 
 
 # --- which kernel "auto" runs --------------------------------------------------------------
-def test_auto_is_sdpa_on_cpu():
+def test_auto_on_cpu_is_sdpa_in_fp32_and_math_in_bf16():
     ours, _ = _pair(16, 2, seed=0, device=torch.device("cpu"))
     qkv = torch.randn(1, 4, 3, 2, 8)
     assert ours._resolve(qkv, None, False) == "sdpa"
-    assert ours._resolve(qkv.bfloat16(), PackedSeqlens([2, 2]), False) == "sdpa"
+    assert ours._resolve(qkv.bfloat16(), PackedSeqlens([2, 2]), False) == "math"  # see test_auto_on_cpu_follows_the_dtype
 
 
 def _fake_probes(monkeypatch, varlen: str = "", xformers: str = "", flex: str = "") -> None:
@@ -441,6 +441,29 @@ def test_auto_order_on_cuda(problems, dtype, head_dim, dropout, expected, monkey
         if expected == "sdpa":
             assert problem in why
     assert attention_mod.auto_backend(cuda, dtype, head_dim, packed=False)[0] == "sdpa"
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float32, "sdpa"), (torch.bfloat16, "math"),
+                                            (torch.float16, "math")])
+def test_auto_on_cpu_follows_the_dtype(dtype, expected):
+    """CPU: sdpa in fp32; math in half precision, where torch's CPU flash kernel (what sdpa picks) is the
+    slow one. The module runs the kernel auto names: no flash op in bf16, the math path's exact output."""
+    cpu = torch.device("cpu")
+    assert attention_mod.auto_backend(cpu, dtype, 64, packed=True)[0] == expected
+    assert attention_mod.auto_backend(cpu, dtype, 64, packed=False)[0] == expected
+    attn, _ = _pair(48, 3, seed=5, device=cpu)
+    attn = attn.to(dtype)
+    assert attn.resolve_backend(cpu, dtype, packed=False) == expected
+    assert attn.resolve_backend(cpu, dtype, packed=False, dense=True) == "sdpa"  # a dense mask: sdpa as before
+    x = torch.randn(4, 9, 48, generator=torch.Generator().manual_seed(6)).to(dtype)
+    counter = OpCounter()
+    with counter:
+        out = attn(x)
+    flash = any("flash" in name for name in counter.counts)
+    assert flash == (expected == "sdpa"), dict(counter.counts)
+    set_attn_backend(attn, expected)
+    assert torch.equal(out, attn(x))
+    assert f"per-resolution -> {expected}" in attention_mod.describe_attention("cpu", dtype)
 
 
 def test_describe_attention_is_one_line():

@@ -121,7 +121,8 @@ def test_build_backbone_rejects_bad_args():
     with pytest.raises(ValueError, match="unknown arch"):
         build_backbone("vit_huge")
     with pytest.raises(ValueError, match="patch_size"):
-        build_backbone("vit_tiny", patch_size=14)
+        build_backbone("vit_tiny", patch_size=0)
+    assert build_backbone("vit_tiny", patch_size=4, depth=1, img_size=32)(torch.randn(1, 3, 32, 32)).shape == (1, 192)
     with pytest.raises(ValueError, match="unknown attention backend"):
         build_backbone("vit_tiny", depth=1, attn_backend="flash")
     with pytest.raises(ValueError, match="fixes"):

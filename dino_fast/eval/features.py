@@ -237,7 +237,7 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device | 
 
     Returns ``(features (N, F) float32, labels (N,) int64)`` on the CPU, in loader
     order. ``compute_dtype`` is the compute dtype (a training run passes its own): None means
-    ``precision.resolve_compute_dtype("auto", device)`` (bf16 autocast on CUDA, fp32 elsewhere);
+    ``precision.resolve_compute_dtype("auto", device)`` (bf16 autocast on CUDA and on AMX CPUs, fp32 elsewhere);
     ``torch.float32`` disables autocast. With ``cache_path`` the
     result is stored there and reused while the model weights, the dataset's file
     list and transform, and these options are unchanged (the loader must then be

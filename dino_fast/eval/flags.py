@@ -59,7 +59,7 @@ def add_model_flags(p: argparse.ArgumentParser, script: str, patch_size: int = 1
 
 def add_precision_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="compute dtype of the backbone: auto = bf16 on CUDA, fp32 elsewhere (the training run's "
+                   help="compute dtype of the backbone: auto = bf16 on CUDA and AMX CPUs, fp32 elsewhere (the training run's "
                         "`precision`); fp32 for bit-faithful features")
 
 

@@ -101,7 +101,7 @@ def knn_features(backbone: torch.nn.Module, train_set: Any, val_set: Any, batch_
                  compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """``(train_features, test_features, train_labels, test_labels)`` as official ``eval_knn.py``'s
     ``extract_feature_pipeline`` returns them: l2-normalised CLS features (CPU, fp32) and int64
-    labels. ``compute_dtype``: the backbone's compute dtype (None: bf16 on CUDA, fp32 elsewhere)."""
+    labels. ``compute_dtype``: the backbone's compute dtype (None: ``precision auto``: bf16 on CUDA and AMX CPUs, fp32 elsewhere)."""
     from dino_fast.eval.features import extract_features
 
     out = {}

@@ -198,7 +198,7 @@ def run_linear_probe_online(model: nn.Module, train_loader: Iterable, val_loader
                             output_path: str | os.PathLike | None = None, val_freq: int = 1,
                             progress: bool = False, compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """The official way: features of freshly augmented batches each epoch (frozen
-    ``model`` in ``compute_dtype``: None means bf16 autocast on CUDA, fp32 elsewhere), the same
+    ``model`` in ``compute_dtype``: None means ``precision auto``: bf16 on CUDA and AMX CPUs, fp32 elsewhere), the same
     classifier and schedule as :func:`run_linear_probe`. The lr is scaled by
     ``train_loader.batch_size``. ``n_last_blocks=None`` means min(4, depth); a value above the
     depth raises :class:`~dino_fast.errors.ConfigError`; a convnet gives its pooled features

@@ -144,7 +144,7 @@ def visualize_attention(model: nn.Module, image_path: str | os.PathLike, out_dir
     have the size of ``img.png``. Returns the written paths in that order. A missing or
     undecodable image raises :class:`DataError`, bad sizes / threshold / ``out_dir``
     :class:`ConfigError`, all before anything is written. ``compute_dtype``: the compute dtype of the
-    forward (None: bf16 on CUDA, fp32 elsewhere)."""
+    forward (None: ``precision auto``: bf16 on CUDA and AMX CPUs, fp32 elsewhere)."""
     if patch_size is None:
         ps = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         if ps is None:

@@ -17,7 +17,11 @@ Packed sequences (all crops of a step in one row, batch dim 1) are described by
   packed input on CUDA:  varlen (fp16/bf16, head_dim % 8 == 0 and <= 256, no attention
                          dropout, the kernel runs here) > xformers (fp16/bf16, its kernels load
                          and run here) > flex (no attention dropout, Triton) > sdpa by runs
-  ordinary batch, or any input on CPU:  sdpa (it dispatches to flash / cuDNN by itself).
+  ordinary batch on CUDA, fp32 on CPU:  sdpa (it dispatches to flash / cuDNN by itself).
+  bf16 / fp16 on CPU:  math. torch's CPU flash kernel, which sdpa picks there, took 222 ms of a
+                         tiny_imagenet_sk step in bf16 (193 of them in its backward; 5 / 17 tokens
+                         per view) where math's bmm + softmax took ~36 ms (2 Xeon cores, bench/results/
+                         train_tiny_imagenet_sk_profile-cpu-2026-12-06); in fp32 sdpa is as fast or faster.
 ``describe_attention(device, dtype)`` says in one line which kernel "auto" runs and why.
 """
 from __future__ import annotations
@@ -177,6 +181,9 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, packed
     """(backend "auto" runs, why the faster ones were skipped) for q of ``dtype`` on ``device``;
     the order is in the module docstring. ``dropout``: attention dropout active (training)."""
     if device.type != "cuda":
+        if dtype in _HALF:  # the CPU flash kernel is the slow one in half precision (module docstring)
+            return "math", (f"{device.type}: varlen, xformers and flex kernels need CUDA; sdpa's CPU flash kernel is "
+                            f"slower than math in {str(dtype).replace('torch.', '')}")
         return "sdpa", f"{device.type}: varlen, xformers and flex kernels need CUDA"
     if not packed:
         return "sdpa", ""
@@ -222,7 +229,8 @@ def describe_attention(device: torch.device | str, dtype: torch.dtype, head_dim:
     packed_desc = {"varlen": "varlen (one flash/cuDNN call per block over all crops)",
                    "xformers": "xformers (one call per block, BlockDiagonalMask)",
                    "flex": "flex (one compiled FlexAttention call per block, block mask)",
-                   "sdpa": "sdpa by equal-length runs (one call per resolution per block)"}[packed]
+                   "sdpa": "sdpa by equal-length runs (one call per resolution per block)",
+                   "math": "math by equal-length runs (explicit softmax, one call per resolution per block)"}[packed]
     line = (f"attention 'auto' on {where}, {str(dtype).replace('torch.', '')}, head_dim {head_dim}, torch "
             f"{torch.__version__}: packed multi-crop -> {packed_desc}{f' [{why}]' if why else ''}; "
             f"per-resolution -> {plain}")
@@ -260,8 +268,10 @@ class Attention(_TimmAttention):
         raises ValueError when an explicitly chosen backend cannot take this input."""
         backend = _check_backend(self.backend)
         if backend == "auto":
-            if dense or device.type != "cuda":
+            if dense or (device.type != "cuda" and dtype not in _HALF):
                 return "sdpa"
+            if device.type != "cuda":
+                return "math"  # auto_backend's CPU choice in half precision
             return _auto_name(device.type, device.index, dtype, self.head_dim, packed, self._dropout_active())
         if backend in ("xformers", "varlen", "flex") and dense:
             raise ValueError(f"the {backend} backend takes no dense tensor mask or is_causal here; use 'sdpa'")

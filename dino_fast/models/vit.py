@@ -47,7 +47,6 @@ ARCHS: dict[str, dict[str, int]] = {
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
 }
-PATCH_SIZES = (8, 16)
 
 # Arguments DINO fixes; passing them through **kw would build a different model.
 _FIXED = ("num_classes", "global_pool", "class_token", "reg_tokens", "no_embed_class", "pre_norm",
@@ -373,14 +372,14 @@ def _same_size_runs(views: list[torch.Tensor]) -> list[tuple[int, int]]:
 
 def build_vit(arch: str = "vit_small", patch_size: int = 16, drop_path_rate: float = 0.0,
               attn_backend: str = "auto", img_size: int = 224, **kw: Any) -> DinoViT:
-    """A DINO ViT: ``arch`` in ``ARCHS`` (vit_tiny | vit_small | vit_base), patch 8 or 16.
+    """A DINO ViT: ``arch`` in ``ARCHS`` (vit_tiny | vit_small | vit_base), any patch size (official: 8 or 16).
 
     ``kw`` goes to :class:`DinoViT` / timm (e.g. ``depth=2`` for small test models,
     ``masked_im_modeling=True`` for a mask token, ``low_precision_stream=True``)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-    if patch_size not in PATCH_SIZES:
-        raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {patch_size}")
+    if int(patch_size) < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
     cfg = {**ARCHS[arch], **kw}
     return DinoViT(img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate,
                    attn_backend=attn_backend, **cfg)
