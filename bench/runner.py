@@ -200,7 +200,8 @@ def junit_counts(path: Path) -> str | None:
         return None
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{c.get('classname', '')}::{c.get('name', '')}" for c in root.iter("testcase")
+    # the classname's last part: where the tests sit relative to pytest's rootdir changes what precedes it
+    failed = [f"{c.get('classname', '').rsplit('.', 1)[-1]}::{c.get('name', '')}" for c in root.iter("testcase")
               if c.find("failure") is not None or c.find("error") is not None]
     passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
     text = f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped"
