@@ -341,8 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train, val = make_dataset(data, source, cache)
         pixels = None if args.no_pixels else pixel_knn(train, val)
         campaign = Campaign(data, train, val, pixels, args)
-        for row, flags in rows:
-            for seed in args.seeds:
+        # Seeds outermost: a campaign stopped part-way has every row at its first seed.
+        for seed in args.seeds:
+            for row, flags in rows:
                 campaign.run_one(row, flags, seed)
         campaign.close()
     return 0
