@@ -56,6 +56,24 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, POISON)
 
 
+def dinov2_sinkhorn(teacher_output: torch.Tensor, teacher_temp: float, n_samples, n_iterations: int = 3):
+    """DINOv2's two Sinkhorn-Knopp teachers on one process, as released, differing only in B:
+    ``SinkhornKnoppTeacher.sinkhorn_knopp_teacher`` (B = rows * world size) and
+    ``iBOTPatchLoss.sinkhorn_knopp_teacher`` (B = the all-reduced count of masked patches; it casts
+    the teacher to fp32 first, so iBOT callers pass fp32). Runs in the input's dtype."""
+    Q = torch.exp(teacher_output / teacher_temp).t()
+    B = n_samples
+    K = Q.shape[0]
+    Q /= torch.sum(Q)
+    for _ in range(n_iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
 def legacy_checkpoint(trainer) -> dict:
     """A trainer's state in the single-file format of earlier versions (``checkpoint-XXXXXXXX.pth``,
     format "dino_fast"), written as they wrote it: what the one-way converter must read."""

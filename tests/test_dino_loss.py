@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from dino_fast.center import sinkhorn_knopp_teacher
 from dino_fast.dino_loss import DINOLoss, dino_loss_from_probs_reference, dino_loss_reference
-from tests.helpers import POISON, TOL, assert_close, requires_cuda
+from tests.helpers import POISON, TOL, assert_close, dinov2_sinkhorn, requires_cuda
 
 dl = pytest.importorskip("dino_fast.kernels.dino_loss")
 
@@ -411,23 +411,6 @@ def test_sinkhorn_matches_paper_definition(rows, k, tau):
                  name="large logits: fp32 vs fp64 plan")
 
 
-def _dinov2_sinkhorn(teacher_output: torch.Tensor, teacher_temp: float, n_samples, n_iterations: int = 3):
-    """DINOv2's two Sinkhorn-Knopp teachers on one process, as released, differing only in B:
-    ``SinkhornKnoppTeacher.sinkhorn_knopp_teacher`` (B = rows * world size) and
-    ``iBOTPatchLoss.sinkhorn_knopp_teacher`` (B = the all-reduced count of masked patches)."""
-    Q = torch.exp(teacher_output / teacher_temp).t()
-    B = n_samples
-    K = Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(n_iterations):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
-
-
 @pytest.mark.parametrize("caller,rows,k", [("dino", 6, 65), ("dino", 2, 4097), ("ibot", 37, 17), ("ibot", 1, 9)])
 @pytest.mark.parametrize("scale", [1.0, 3.0], ids=["plain", "fp32-overflow"])
 def test_one_sinkhorn_equals_dinov2_for_both_callers(caller, rows, k, scale):
@@ -439,12 +422,12 @@ def test_one_sinkhorn_equals_dinov2_for_both_callers(caller, rows, k, scale):
     tau = 0.04
     t = scale * torch.randn(rows, k)  # (2B, K) teacher rows or (M, K) masked patches
     n_samples = torch.tensor(float(rows), dtype=torch.float64) if caller == "ibot" else rows * 1
-    expected = _dinov2_sinkhorn(t.double(), tau, n_samples)
+    expected = dinov2_sinkhorn(t.double(), tau, n_samples)
     got = sinkhorn_knopp_teacher(t, tau)
     assert got.dtype == torch.float32 and torch.isfinite(expected).all()
     assert_close(got, expected, torch.float32, atol=1e-6, name=f"{caller} plan vs DINOv2")
     if scale > 1:
-        assert not torch.isfinite(_dinov2_sinkhorn(t, tau, n_samples)).all()  # DINOv2 in fp32
+        assert not torch.isfinite(dinov2_sinkhorn(t, tau, n_samples)).all()  # DINOv2 in fp32
 
 
 def test_sinkhorn_zero_columns_stay_finite():

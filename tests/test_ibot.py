@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dino_fast.center import sinkhorn_knopp_teacher
 from dino_fast.ibot import iBOTPatchLoss, ibot_patch_loss_from_probs
 from dino_fast.ibot_masks import MaskingGenerator, PatchMasks, mask_rng, sample_masks
-from tests.helpers import assert_close
+from tests.helpers import assert_close, dinov2_sinkhorn
 
 
 def _seed(*case) -> int:
@@ -360,29 +360,13 @@ def test_deferred_center_is_one_update_over_all_micro_batches():
                  name="second flush")
 
 
-def _dinov2_sinkhorn(teacher_output, teacher_temp, n_masked, n_iterations=3):
-    """dinov2 ``iBOTPatchLoss.sinkhorn_knopp_teacher`` on one process."""
-    teacher_output = teacher_output.float()
-    Q = torch.exp(teacher_output / teacher_temp).t()
-    B = n_masked
-    K = Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(n_iterations):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
-
-
 @pytest.mark.parametrize("M,K", [(5, 3), (37, 64), (200, 17)])
 def test_sinkhorn_knopp_teacher_on_patches(M, K):
     _seed("sk", M, K)
     t = torch.randn(M, K)
     q = sinkhorn_knopp_teacher(t, 0.07)
     assert q.shape == (M, K) and q.dtype == torch.float32
-    assert_close(q, _dinov2_sinkhorn(t, 0.07, M), torch.float32, rtol=1e-4, atol=1e-7, name="vs dinov2")
+    assert_close(q, dinov2_sinkhorn(t, 0.07, M), torch.float32, rtol=1e-4, atol=1e-7, name="vs dinov2")
     assert_close(q.sum(1), torch.ones(M), torch.float32, rtol=1e-5, atol=1e-5, name="patch rows sum to 1")
     # many iterations: every prototype gets M/K of the mass (the equipartition constraint)
     q_many = sinkhorn_knopp_teacher(t, 0.07, n_iterations=200)
@@ -401,7 +385,7 @@ def test_sinkhorn_centering_in_the_loss():
     teacher = teacher / 4  # DINOv2's fp32 exp(t / tau) overflows past t / tau = 88
     loss_fn = iBOTPatchLoss(9, centering="sinkhorn_knopp")
     loss = loss_fn(student, teacher, masks, 0.05)
-    probs = _dinov2_sinkhorn(teacher, 0.05, teacher.shape[0])
+    probs = dinov2_sinkhorn(teacher, 0.05, teacher.shape[0])
     pm = PatchMasks.from_masks(masks)
     expected = -(probs * F.log_softmax(student / 0.1, -1)).sum(-1).mul(pm.weights).sum() / 4
     assert_close(loss, expected, torch.float32, rtol=1e-4, name="sk loss")
