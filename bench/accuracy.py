@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import shlex
@@ -253,6 +254,15 @@ def run_training(cmd: list[str], log: Path, timeout_s: float) -> tuple[int, str 
     return rc, (tail[-1][:200] if tail else f"exit status {rc}")
 
 
+def earlier_runs(data: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--append``: the runs already in today's ``accuracy_<data>`` file of the results folder, so a
+    campaign continued by another invocation adds to its table instead of replacing it."""
+    probe = Results.path_for(f"accuracy_{data}", args.out)
+    if not probe.is_file():
+        return []
+    return [r for r in json.loads(probe.read_text()).get("rows", []) if r.get("data") == data]
+
+
 class Campaign:
     """Rows x seeds on one dataset, run one after the other; the two result files rewritten after each."""
 
@@ -265,9 +275,14 @@ class Campaign:
                  f"--config {PRESET} --time_budget_min {args.minutes:g} --knn_every_min {args.knn_every_min:g}` + "
                  f"each row's flags, one after the other; cells: the teacher's 20-NN top-1 (%) on val, mean over "
                  f"seeds (each seed; training minute); {px}")
+        earlier = earlier_runs(data, args) if getattr(args, "append", False) else []
+        if earlier:
+            notes += (f"; {len(earlier)} runs appended from earlier invocations of the runner (each row's command "
+                      f"says how it was run)")
         self.runs = Results(f"accuracy_{data}", run_columns(args.marks), notes, out_dir=args.out)
         self.table = Results(f"accuracy_{data}_table", table_columns(args.marks), notes, out_dir=args.out)
-        self.table.replace(table_rows([], pixels, args.marks))
+        self.runs.replace(earlier)
+        self.table.replace(table_rows(earlier, pixels, args.marks))
 
     def run_one(self, row: str, flags: list[str], seed: int) -> dict[str, Any]:
         args = self.args
@@ -320,6 +335,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="where the derived datasets and the runs' output folders go (never the repo)")
     p.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel references")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the runs already in today's accuracy_<data> file of the results folder and add to them")
     p.add_argument("--list", action="store_true", help="print the rows and their flags, then exit")
     return p.parse_args(argv)
 

@@ -215,12 +215,17 @@ class Results:
         self.name, self.columns, self.notes, self.derive = name, list(columns or []), notes, derive
         self.rows: list[dict[str, Any]] = []
         self.info = env_info()
-        out = Path(out_dir) if out_dir else RESULTS_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        dev = "cuda-" + self.info["device"].replace(" ", "_") if self.info["cuda"] else "cpu"
-        stem = f"{name}-{dev}-{self.info['date'][:10]}"
-        self.json_path, self.md_path = out / f"{stem}.json", out / f"{stem}.md"
+        self.json_path = self.path_for(name, out_dir, self.info)
+        self.md_path = self.json_path.with_suffix(".md")
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
         self._write(complete=False)
+
+    @staticmethod
+    def path_for(name: str, out_dir: Path | str | None = None, info: dict[str, Any] | None = None) -> Path:
+        """The JSON file ``Results(name, out_dir=...)`` writes today on this device."""
+        info = info or env_info()
+        dev = "cuda-" + info["device"].replace(" ", "_") if info["cuda"] else "cpu"
+        return (Path(out_dir) if out_dir else RESULTS_DIR) / f"{name}-{dev}-{info['date'][:10]}.json"
 
     def add(self, *rows: dict[str, Any]) -> None:
         """Append rows and rewrite both files; print each row as a table line (progress in the log)."""

@@ -191,3 +191,28 @@ def test_rows_and_refusals(tmp_path):
         accuracy.main(["--cache", str(repo / "tmp-acc"), "--source", str(tmp_path)])
     assert set(accuracy.ROWS) >= {"sk", "patch4", "resnet18_small", "locals4", "locals10", "locals24px", "batch128",
                                   "sk_koleo"}
+
+
+def test_append_keeps_the_runs_of_an_earlier_invocation(tmp_path):
+    """A campaign continued by a second invocation with --append adds its runs to the same files; without
+    --append the files start over (the runner's default, as before)."""
+    def run(cmd, log, timeout_s):
+        seed = int(cmd[cmd.index("--seed") + 1])
+        write_metrics(Path(cmd[cmd.index("--output_dir") + 1]) / "metrics.csv", fake_run(seed, 30.0 + seed))
+        return 0, None
+
+    pixels = {"majority": 25.8, "weighted": 28.8}
+    first = Campaign("tin10", tmp_path / "train", tmp_path / "val", pixels, _args(tmp_path), run=run)
+    first.run_one("sk", [], 0)
+    first.close()
+    second = Campaign("tin10", tmp_path / "train", tmp_path / "val", pixels, _args(tmp_path, append=True), run=run)
+    second.run_one("sk_compile", ["--compile", "true"], 1)
+    second.close()
+    saved = json.loads(second.runs.json_path.read_text())
+    assert [(r["row"], r["seed"]) for r in saved["rows"]] == [("sk", 0), ("sk_compile", 1)]
+    assert "appended" in saved["notes"]
+    table = {r["row"]: r for r in json.loads(second.table.json_path.read_text())["rows"]}
+    assert table["sk"]["knn_end"] == "30.0 (20.1 min)" and table["sk_compile"]["knn_end"] == "31.0 (20.1 min)"
+    third = Campaign("tin10", tmp_path / "train", tmp_path / "val", pixels, _args(tmp_path), run=run)
+    third.close()
+    assert json.loads(third.runs.json_path.read_text())["rows"] == []
