@@ -86,11 +86,13 @@ def _ema_kernel(
     M_ptr,            # momentum tensor (read when M_FROM_PTR), else unused
     m_value,          # momentum scalar (used when not M_FROM_PTR)
     S_DTYPE: tl.constexpr,
-    C_DTYPE: tl.constexpr,  # dtype of the copies (unused without HAS_COPY)
-    HAS_COPY: tl.constexpr,
     M_FROM_PTR: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
+    # last and defaulted, so a launch without the copy reads as it did before the copy existed
+    # (the shared ahead-of-time compile tool launches it that way)
+    C_DTYPE: tl.constexpr = tl.bfloat16,  # dtype of the copies (unused without HAS_COPY)
+    HAS_COPY: tl.constexpr = False,
 ):
     # 1. this program's chunk: addresses are int64 in the table, cast back to typed pointers
     pid = tl.program_id(0).to(tl.int64)

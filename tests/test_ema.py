@@ -416,3 +416,21 @@ def test_cuda_no_host_sync_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     _check_update(teacher, old, student, 0.5, "graph")
+
+
+def test_a_launch_without_the_copy_constexprs_is_the_plain_ema():
+    """``C_DTYPE`` and ``HAS_COPY`` are the kernel's last, defaulted parameters: a launch that does not
+    name them (as ../shared/tools/aot_compile.py issues it, and every launch did before the bf16 copy)
+    is the plain EMA, not a TypeError."""
+    from dino_fast.kernels import ema as kema
+    g = torch.Generator().manual_seed(zlib.crc32(b"ema-no-copy-constexprs"))
+    teacher = [torch.randn(37, generator=g), torch.randn(3, 50, generator=g)]
+    student = [torch.randn(t.shape, generator=g) for t in teacher]
+    expected = [t.clone() for t in teacher]
+    multi_tensor_ema_reference_(expected, student, 0.9)
+    plan = build_ema_plan(teacher, student)
+    for s_dtype, aligned, table in plan.groups:
+        kema._ema_kernel[(table.shape[0],)](table, table, 0.9, S_DTYPE=kema._TL_DTYPE[s_dtype], M_FROM_PTR=False,
+                                             ALIGNED=aligned, BLOCK=kema.DEFAULT_BLOCK, num_warps=kema._NUM_WARPS)
+    for i, (t, e) in enumerate(zip(teacher, expected)):
+        assert_close(t, e, torch.float32, name=f"teacher[{i}]")
