@@ -34,10 +34,10 @@ __all__ = ["VARIANTS", "RUN_KEYS", "COLUMNS", "PHASE_COLUMNS", "parse_variant", 
            "load_average", "threads"]
 
 # "before" pins what tiny_imagenet_sk ran at the start of 2026-12-06 (precision auto was fp32 on every
-# CPU and attention auto was sdpa; no compile; 2 loader threads), so it stays the baseline when the file
+# CPU and attention auto was sdpa; no compile; 2 loader threads; AdamW foreach), so it stays the baseline when the file
 # or the defaults change. "after" is the file and the defaults as they are now. The others are levers.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "before": dict(precision="fp32", attn_backend="sdpa", compile=False, num_workers=2),
+    "before": dict(precision="fp32", attn_backend="sdpa", compile=False, num_workers=2, adamw="foreach"),
     "after": {},
     "fp32": dict(precision="fp32"),
     "bf16": dict(precision="bf16"),
@@ -47,8 +47,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "threads1": dict(threads=1),
     "workers1": dict(num_workers=1),
     "inline_loader": dict(prefetch=0),
+    "adamw_foreach": dict(adamw="foreach"),
 }
-RUN_KEYS = ("threads", "prefetch")
+RUN_KEYS = ("threads", "prefetch", "adamw")
 
 COLUMNS = ["mode", "variant", "flags", "threads", "dtype", "batch", "img_s", "x_before", "step_ms", "step_ms_min",
            "cpu_ms", "gflop_s", "ops", "profiled_ops", "outside_ops_ms", "step_ms_small_batch", "warmup_s", "load"]
@@ -57,7 +58,7 @@ PHASE_COLUMNS = ["mode", "variant", "phase", "ms", "ops", "ms_small_batch", "gfl
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
-    """``before`` (a name in VARIANTS) or ``name:key=value,key=value`` (config keys, and ``threads``)."""
+    """``before`` (a name in VARIANTS) or ``name:key=value,key=value`` (config keys and RUN_KEYS)."""
     name, sep, body = spec.partition(":")
     if not sep:
         if spec not in VARIANTS:
@@ -68,7 +69,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"variant {spec!r}: {item!r} is not key=value")
-        over[key.strip()] = int(value) if key.strip() in RUN_KEYS else value.strip()
+        over[key.strip()] = int(value) if key.strip() in ("threads", "prefetch") else value.strip()
     return name, over
 
 
@@ -80,9 +81,16 @@ def flags_of(over: dict[str, Any]) -> str:
 
 
 def apply_run_keys(trainer: Any, over: dict[str, Any]) -> None:
-    """The variant's ``prefetch`` on the trainer's DALI loader (read when its next epoch starts)."""
+    """The variant's ``prefetch`` on the trainer's DALI loader (read when its next epoch starts) and its
+    ``adamw`` implementation (``fused``, the trainer's, or ``foreach``, the CPU default before 2026-12-06
+    evening: the same math, read by AdamW from each group at every step)."""
     if "prefetch" in over and hasattr(trainer.data.loader, "prefetch_batches"):
         trainer.data.loader.prefetch_batches = over["prefetch"]
+    if "adamw" in over:
+        if over["adamw"] not in ("fused", "foreach"):
+            raise ValueError(f"adamw={over['adamw']!r}: use fused or foreach")
+        for group in trainer.optimizer.param_groups:
+            group.update(fused=over["adamw"] == "fused", foreach=over["adamw"] == "foreach")
 
 
 def preset_config(preset: str, over: dict[str, Any], data: str, out: str, batch: int = 0) -> Any:

@@ -32,7 +32,7 @@ to eager steps with one log line (:func:`graphed_step`). A load brings new optim
 state tensors: the graph is dropped and captured again (noticed from the groups' identity).
 
 On CPU (no CUDA graphs) the same static-buffer step runs eagerly, with the optimizer as built
-(foreach AdamW, its lr a number): the CPU twin that tests/test_cuda_graphs.py compares with the
+(fused AdamW, its lr a number): the CPU twin that tests/test_cuda_graphs.py compares with the
 plain step bit for bit. tests/preflight/test_graphed_step.py traces the CUDA flavour on a fake
 CUDA device (fused AdamW with the lr tensor; no host sync, no CPU tensor per step).
 """
@@ -88,7 +88,7 @@ class CudaGraphStep:
         self.freeze_last_layer = freeze_last_layer
         self.capture = self.device.type == "cuda" if capture is None else capture
         # CUDA: AdamW fused, reading lr from a device tensor. CPU (never captured): the optimizer as
-        # built (foreach), its lr a number written each step, so the twin matches the plain step bit for bit.
+        # built (fused), its lr a number written each step, so the twin matches the plain step bit for bit.
         self.tensor_lr = self.device.type == "cuda"
         # per-step host values, written by fill_ before each step (see the module docstring)
         self.lr = torch.zeros((), dtype=torch.float32, device=self.device)
