@@ -49,7 +49,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "inline_loader": dict(prefetch=0),
     "adamw_foreach": dict(adamw="foreach"),
 }
-RUN_KEYS = ("threads", "prefetch", "adamw")
+# Keys the bench applies itself (not TrainConfig flags), with the type of their value.
+RUN_KEYS: dict[str, type] = {"threads": int, "prefetch": int, "adamw": str}
 
 COLUMNS = ["mode", "variant", "flags", "threads", "dtype", "batch", "img_s", "x_before", "step_ms", "step_ms_min",
            "cpu_ms", "gflop_s", "ops", "profiled_ops", "outside_ops_ms", "step_ms_small_batch", "warmup_s", "load"]
@@ -69,7 +70,8 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"variant {spec!r}: {item!r} is not key=value")
-        over[key.strip()] = int(value) if key.strip() in ("threads", "prefetch") else value.strip()
+        key = key.strip()
+        over[key] = RUN_KEYS.get(key, str)(value.strip())
     return name, over
 
 
